@@ -1,0 +1,5 @@
+import sys
+
+from biollm_cls.cli import main
+
+sys.exit(main())

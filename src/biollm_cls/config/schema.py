@@ -1,0 +1,290 @@
+"""Typed configuration of one run.
+
+Every key a run reads lives in these dataclasses; the YAML presets under ``conf/`` only choose values.
+The composed YAML is merged onto ``OmegaConf.structured(RunConfig)``, so an unknown key or a value of
+the wrong type fails once, at load time, before anything is written (see ``config.load``).
+Cross-field rules live in ``validate`` below and raise ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line (exit code 2)."""
+
+
+@dataclass
+class ModelConfig:
+    provider: str = "tiny"  # tiny | hf
+    vocab_size: int = 64  # tiny: vocabulary size. hf: 0 = the model's whole vocabulary, N = the first N ids
+    hidden_size: int = 64  # tiny width
+    num_layers: int = 4  # tiny depth
+    num_heads: int = 4
+    seq_len: int = 32  # tokens per sequence (also the tiny positional table size)
+    dropout: float = 0.0
+    injection_layer: int = 1  # tiny: index of the last block run before the hippocampal delta is added
+    init_checkpoint: str | None = None  # tiny: start the base from this `pretrain` checkpoint
+    hf_model_name: str | None = None
+    hf_revision: str | None = None
+    hf_trust_remote_code: bool = False
+    hf_torch_dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (weights of a trained base stay fp32 unless allowed)
+    hf_allow_half_precision_base: bool = False  # opt in to half-precision weights for a base that trains
+    hf_attn_implementation: str | None = None
+    hf_gradient_checkpointing: bool = False
+    hf_local_files_only: bool = False
+    hf_injection_fraction: float = 0.7
+    hf_allow_legacy_injection_fallback: bool = True
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "toy"  # toy | instruction
+    switch_every: int = 100  # wake steps per task
+    num_tasks: int = 4
+    order: str = "sequential"  # sequential | joint (all tasks shuffled together: the `joint` upper bound)
+    heldout_size: int = 64  # toy: held-out sequences per task
+    task_cue: bool = True  # toy: first token names the task, so tasks are separable in principle
+    dataset_name: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    local_path: str | None = None
+    eval_local_path: str | None = None
+    prompt_field: str = "instruction"
+    response_field: str = "output"
+    task_field: str | None = "task"
+    task_selection_seed: int = 42
+    max_examples: int = 0  # 0 = all
+    min_examples_per_task: int = 32
+    heldout_per_task: int = 32
+    tokenizer_name: str | None = None  # hf: tokenizer id/path (default: the model's). tiny: ignored (bytes)
+    tokenizer_trust_remote_code: bool = False
+    ignore_prompt_loss: bool = True
+    prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    verify_checksums: bool = True  # refuse a pack whose files do not match metadata.json
+
+
+@dataclass
+class ExpertsConfig:
+    num_experts: int = 8
+    expert_hidden: int = 128
+    top_k: int = 2
+    routing: str = "sequence"  # sequence (pooled over non-padding positions) | token
+    fast_lr: float = 1e-3
+    reward_alpha: float = 0.5
+    routing_reg_weight: float = 0.01
+    utilization_bonus: float = 0.1
+    capacity_penalty: float = 0.1
+    saturation_threshold: float = 0.7
+    usage_decay: float = 0.99  # EMA decay of expert usage per wake step (recent load, not all history)
+    drift_scale: float = 1.0  # drift (L2 from init) at which the drift score reaches 1 - 1/e
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = 2000
+    batch_size: int = 32
+    teacher: str = "stored_topk"  # stored_topk | recompute
+    teacher_topk: int = 8  # logits kept per supervised position when teacher=stored_topk
+    wake_mix: int = 0  # `er` baseline: replay episodes mixed into every wake batch
+
+
+@dataclass
+class RefreshConfig:
+    kl_threshold: float = 0.05  # per-token KL(system-with-expert || base) below which an expert is absorbed
+    reset_factor: float = 0.1  # keep this fraction of the learned deviation; >= 1 disables refresh
+    samples_per_expert: int = 8
+
+
+@dataclass
+class ConsolidationConfig:
+    slow_lr: float = 1e-3
+    wake_base_lr_scale: float = 0.0  # > 0: wake also trains the base at slow_lr * scale
+    sleep_min_interval: int = 50
+    sleep_max_interval: int = 200
+    min_sleep_steps: int = 10
+    max_sleep_steps: int = 40
+    pseudo_rehearsal: bool = True
+    pseudo_ratio: float = 0.25
+    pseudo_source: str = "mixed"  # mixed | replay_echo | random_tokens
+    pseudo_random_fraction: float = 0.5
+    fisher_use_capability_mix: bool = True
+    target_ce_weight: float = 0.0  # weight of CE on the stored ground-truth targets during sleep
+    distill_temperature: float = 1.0
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+
+
+@dataclass
+class EWCConfig:
+    lambda_: float = 100.0
+    fisher_decay: float = 0.9  # online EWC: F <- decay * F + F_new, once per consolidation
+    fisher_samples: int = 64  # sequences used to estimate the Fisher
+    fisher_update: str = "sleep"  # sleep (after each sleep) | boundary (at each task boundary: `ewc_only`)
+
+
+@dataclass
+class SchedulerConfig:
+    saturation_weight: float = 0.4
+    forgetting_weight: float = 0.4
+    novelty_weight: float = 0.2
+    pressure_threshold: float = 0.5
+    pressure_decay: float = 0.9  # pressure is an EMA of the weighted signals (integrated, not instantaneous)
+    novelty_decay: float = 0.95  # novelty compares routing with an EMA of past routing, so it recovers
+    forgetting_scale: float = 1.0  # nats of replay-probe loss increase that count as full forgetting
+    probe_interval: int = 25  # wake steps between replay-probe forgetting measurements
+    probe_size: int = 32  # replay episodes of seen, non-current tasks in the probe
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    max_steps: int = 0  # 0 = num_tasks * switch_every; any other value must equal it
+    eval_interval: int = 100
+    eval_batch_size: int = 64
+    ablation_no_sleep: bool = False
+    ablation_disable_hippocampus: bool = False
+    reward_from_correctness: bool = True
+    amp_enabled: bool = True  # only on CUDA
+    amp_dtype: str = "bf16"  # bf16 | fp16
+    allow_tf32: bool = True
+    matmul_precision: str = "high"
+    compile_model: bool = False
+    grad_clip: float = 1.0  # 0 disables
+    deterministic: bool = True
+    progress: bool = True  # tqdm bar (hidden when stderr is not a TTY)
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "outputs/run"
+    use_wandb: bool = False
+    wandb_project: str = "biollm-cls"
+    wandb_mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides when set)
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None
+    wandb_group: str | None = None
+    wandb_job_type: str = "train"
+    wandb_tags: list[str] = field(default_factory=lambda: ["cls"])
+    wandb_notes: str | None = None
+    wandb_resume: str | None = None
+    wandb_run_id: str | None = None
+    wandb_api_key_env_var: str = "WANDB_API_KEY"
+    wandb_auto_group: bool = True
+    wandb_log_full_history: bool = False
+    wandb_watch_model: bool = False
+    wandb_watch_log_freq: int = 100
+    checkpoint_interval: int = 0  # steps between checkpoints; 0 = only at task boundaries and the end
+    checkpoint_keep_last: int = 2
+    upload_checkpoints: bool = False
+    upload_metrics_artifact: bool = True
+    upload_config_artifact: bool = True
+    upload_metadata_artifact: bool = True
+    log_interval: int = 1  # wake steps between metrics.jsonl step rows
+
+
+@dataclass
+class RunConfig:
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    require_cuda: bool = False
+    ablation_name: str = "full_cls"
+    suite_name: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig)
+    ewc: EWCConfig = field(default_factory=EWCConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.provider": ("tiny", "hf"),
+    "model.hf_torch_dtype": ("auto", "fp32", "bf16", "fp16"),
+    "benchmark.name": ("toy", "instruction"),
+    "benchmark.order": ("sequential", "joint"),
+    "experts.routing": ("sequence", "token"),
+    "replay.teacher": ("stored_topk", "recompute"),
+    "consolidation.pseudo_source": ("mixed", "replay_echo", "random_tokens"),
+    "ewc.fisher_update": ("sleep", "boundary"),
+    "train.amp_dtype": ("bf16", "fp16"),
+    "train.matmul_precision": ("highest", "high", "medium"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks; raises ConfigError naming the key, the value and the fix."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    positive = [
+        "model.hidden_size", "model.num_layers", "model.num_heads", "model.seq_len",
+        "benchmark.switch_every", "benchmark.num_tasks", "experts.num_experts", "experts.expert_hidden",
+        "experts.top_k", "replay.capacity", "replay.batch_size", "replay.teacher_topk", "train.batch_size",
+        "train.eval_batch_size", "ewc.fisher_samples", "scheduler.probe_interval", "scheduler.probe_size",
+        "consolidation.refresh.samples_per_expert", "logging.log_interval",
+    ]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be > 0")
+    m, e, c = cfg.model, cfg.experts, cfg.consolidation
+    if m.provider == "tiny":
+        if m.hidden_size % m.num_heads:
+            raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
+        if not 0 <= m.injection_layer < m.num_layers - 1:
+            raise ConfigError(
+                f"model.injection_layer={m.injection_layer} must be in [0, {m.num_layers - 2}] "
+                f"(at least one block must run after the hippocampal delta)"
+            )
+    if m.provider == "hf" and not m.hf_model_name:
+        raise ConfigError("model.provider=hf needs model.hf_model_name (a hub id or a local directory)")
+    if not 0.0 < m.hf_injection_fraction < 1.0:
+        raise ConfigError(f"model.hf_injection_fraction={m.hf_injection_fraction} must be in (0, 1)")
+    if e.top_k > e.num_experts:
+        raise ConfigError(f"experts.top_k={e.top_k} must be <= experts.num_experts={e.num_experts}")
+    if c.min_sleep_steps > c.max_sleep_steps:
+        raise ConfigError(
+            f"consolidation.min_sleep_steps={c.min_sleep_steps} must be <= max_sleep_steps={c.max_sleep_steps}"
+        )
+    if c.sleep_min_interval > c.sleep_max_interval:
+        raise ConfigError(
+            f"consolidation.sleep_min_interval={c.sleep_min_interval} must be <= "
+            f"sleep_max_interval={c.sleep_max_interval}"
+        )
+    if not 0.0 <= c.pseudo_random_fraction <= 1.0:
+        raise ConfigError(f"consolidation.pseudo_random_fraction={c.pseudo_random_fraction} must be in [0, 1]")
+    if c.pseudo_ratio < 0 or c.wake_base_lr_scale < 0 or c.target_ce_weight < 0:
+        raise ConfigError("consolidation.pseudo_ratio, wake_base_lr_scale and target_ce_weight must be >= 0")
+    if cfg.ewc.lambda_ < 0 or not 0.0 <= cfg.ewc.fisher_decay <= 1.0:
+        raise ConfigError("ewc.lambda_ must be >= 0 and ewc.fisher_decay in [0, 1]")
+    if c.refresh.reset_factor < 0:
+        raise ConfigError(f"consolidation.refresh.reset_factor={c.refresh.reset_factor} must be >= 0")
+    planned = cfg.benchmark.num_tasks * cfg.benchmark.switch_every
+    if cfg.train.max_steps not in (0, planned):
+        raise ConfigError(
+            f"train.max_steps={cfg.train.max_steps} must equal benchmark.num_tasks x benchmark.switch_every "
+            f"= {planned} (each task gets exactly switch_every steps); set train.max_steps=0 to derive it"
+        )
+    if cfg.train.ablation_disable_hippocampus and c.wake_base_lr_scale == 0 and cfg.train.ablation_no_sleep:
+        raise ConfigError(
+            "train.ablation_disable_hippocampus with train.ablation_no_sleep and "
+            "consolidation.wake_base_lr_scale=0 trains nothing: set wake_base_lr_scale > 0"
+        )
+    return cfg
+
+
+def total_steps(cfg: RunConfig) -> int:
+    return cfg.benchmark.num_tasks * cfg.benchmark.switch_every
