@@ -60,20 +60,22 @@ class Hippocampus(nn.Module):
         self.register_buffer("router_bias_init", self.router.bias.detach().clone())
         self.register_buffer("usage", torch.full((E,), 1.0 / E))  # EMA share of routing mass, sums to 1
         self.register_buffer("activation_counts", torch.zeros(E))  # cumulative selections (reported only)
+        self.register_buffer("expert_drift", torch.zeros(E))  # ||theta_e - theta_e^0||, see update_drift()
 
     # ---- routing -------------------------------------------------------------------------------------
     def capacity_scores(self) -> torch.Tensor:
         """[E] in [0,1]: half load (usage vs. twice the fair share), half drift from the initial weights."""
         load = (self.usage * self.num_experts / 2.0).clamp(max=1.0)
-        drift_score = 1.0 - torch.exp(-self.drift() / self.cfg.drift_scale)
+        drift_score = 1.0 - torch.exp(-self.expert_drift / self.cfg.drift_scale)
         return 0.5 * (load + drift_score)
 
-    def drift(self) -> torch.Tensor:
-        """[E] L2 distance of each expert's weights from its initial weights."""
+    @torch.no_grad()
+    def update_drift(self) -> None:
+        """Recompute the [E] L2 distance of each expert from its initial weights (after each update)."""
         sq = sum(
             (getattr(self, n) - getattr(self, f"{n}_init")).pow(2).flatten(1).sum(1) for n in _EXPERT_PARAMS
         )
-        return sq.sqrt()
+        self.expert_drift.copy_(sq.sqrt())
 
     def saturation_ratio(self) -> torch.Tensor:
         return (self.capacity_scores() > self.cfg.saturation_threshold).float().mean()
@@ -171,5 +173,6 @@ class Hippocampus(nn.Module):
                 for moment in optimizer.state.get(param, {}).values():
                     if torch.is_tensor(moment) and moment.shape == param.shape:
                         moment[idx] = 0.0
+        self.update_drift()
         self.usage[idx] = self.usage[idx] * factor + (1.0 - factor) / self.num_experts
         self.usage.div_(self.usage.sum())

@@ -72,7 +72,7 @@ class ExpertsConfig:
     expert_hidden: int = 128
     top_k: int = 2
     routing: str = "sequence"  # sequence (pooled over non-padding positions) | token
-    fast_lr: float = 1e-3
+    fast_lr: float = 3e-3
     reward_alpha: float = 0.5
     routing_reg_weight: float = 0.01
     utilization_bonus: float = 0.1
@@ -131,7 +131,7 @@ class SchedulerConfig:
     novelty_weight: float = 0.2
     pressure_threshold: float = 0.5
     pressure_decay: float = 0.9  # pressure is an EMA of the weighted signals (integrated, not instantaneous)
-    novelty_decay: float = 0.95  # novelty compares routing with an EMA of past routing, so it recovers
+    novelty_decay: float = 0.98  # slow EMA that novelty compares recent routing (and loss) against
     forgetting_scale: float = 1.0  # nats of replay-probe loss increase that count as full forgetting
     probe_interval: int = 25  # wake steps between replay-probe forgetting measurements
     probe_size: int = 32  # replay episodes of seen, non-current tasks in the probe

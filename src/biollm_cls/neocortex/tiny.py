@@ -53,6 +53,9 @@ class TinyNeocortex(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.hidden_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init)
+        # A random head with std 0.02 caps |logits| near 1 after ln_f, so a frozen random base could not
+        # express a confident prediction whatever the hippocampus adds; 1/sqrt(H) gives unit-scale logits.
+        nn.init.normal_(self.lm_head.weight, std=cfg.hidden_size ** -0.5)
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -1,0 +1,110 @@
+"""Online elastic weight consolidation for the neocortex.
+
+EWC (Kirkpatrick et al., 2017, PNAS 114(13)) protects weights that mattered for earlier data with a
+quadratic penalty ``(lambda/2) * sum_i F_i (theta_i - theta*_i)^2``. The *online* variant (Schwarz et al.,
+2018, "Progress & Compress", ICML) keeps one running Fisher and one anchor instead of one per task:
+after each consolidation, ``F <- gamma * F + F_new`` and ``theta* <- theta`` (the consolidated weights).
+
+Estimator: ``F_new`` is the diagonal of the Fisher information at the consolidated weights, estimated on
+``fisher_samples`` sequences (replay episodes, plus pseudo inputs when ``fisher_use_capability_mix``) as the
+mean over sequences of the squared gradient of ``-sum_t log p(y_t | x)``, with ``y_t`` *sampled from the
+model's own predictive distribution* at each supervised position (the true Fisher, one Monte-Carlo sample
+per position; not the squared minibatch-mean gradient). Sequences are processed one at a time, so the
+estimate does not depend on the batch size.
+
+The penalty gradient ``lambda * F * (theta - theta*)`` is added to ``.grad`` in place after the one backward
+of each base update (no second backward, no autograd graph through the penalty). With ``lambda = 0`` nothing
+is estimated, stored or applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from biollm_cls.benchmarks.base import Batch
+
+
+class OnlineEWC:
+    def __init__(self, lambda_: float, decay: float):
+        self.lambda_ = lambda_
+        self.decay = decay
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.updates = 0
+
+    @property
+    def active(self) -> bool:
+        return self.lambda_ > 0 and bool(self.fisher)
+
+    @staticmethod
+    def _params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """(lambda/2) * sum F (theta - theta*)^2, for logging."""
+        total = torch.zeros((), device=next(model.parameters()).device)
+        if not self.active:
+            return total
+        for name, p in self._params(model):
+            total += (self.fisher[name] * (p.detach().float() - self.anchor[name]).pow(2)).sum()
+        return 0.5 * self.lambda_ * total
+
+    @torch.no_grad()
+    def add_penalty_grad(self, model: nn.Module) -> None:
+        """grad += lambda * F * (theta - theta*), after the backward of a base update."""
+        if not self.active:
+            return
+        for name, p in self._params(model):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            diff = p.detach().float() - self.anchor[name]
+            p.grad.add_((self.lambda_ * self.fisher[name] * diff).to(p.grad.dtype))
+
+    def consolidate(self, model: nn.Module, batches: Iterable[Batch],
+                    hidden_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    logits_fn: Callable[[torch.Tensor], torch.Tensor], autocast, generator: torch.Generator
+                    ) -> int:
+        """Estimate F_new at the current weights, fold it into F, move the anchor. Returns #sequences used."""
+        if self.lambda_ <= 0:
+            return 0
+        params = self._params(model)
+        new = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
+        count = 0
+        was_training = model.training
+        model.eval()  # the Fisher of the deployed (deterministic) base
+        for batch in batches:
+            for b in range(len(batch)):
+                sup = batch.supervised[b : b + 1]  # (1, T)
+                if not bool(sup.any()):
+                    continue
+                model.zero_grad(set_to_none=True)
+                with autocast():
+                    h = hidden_fn(batch.input_ids[b : b + 1], batch.attention_mask[b : b + 1])  # (1, T, H)
+                    logp = torch.log_softmax(logits_fn(h[sup]).float(), dim=-1)  # (n, V)
+                y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=generator).to(logp.device)  # (n, 1)
+                (-logp.gather(1, y).sum()).backward()
+                for n, p in params:
+                    if p.grad is not None:
+                        new[n] += p.grad.detach().float().pow(2)
+                count += 1
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        if count == 0:
+            return 0
+        for n, p in params:
+            f = new[n] / count
+            self.fisher[n] = self.decay * self.fisher[n] + f if n in self.fisher else f
+            self.anchor[n] = p.detach().float().clone()
+        self.updates += 1
+        return count
+
+    def state_dict(self) -> dict:
+        return {"lambda_": self.lambda_, "decay": self.decay, "fisher": self.fisher, "anchor": self.anchor,
+                "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fisher, self.anchor, self.updates = state["fisher"], state["anchor"], state["updates"]

@@ -1,0 +1,117 @@
+"""The two memory systems side by side, and the two ways of reading them out.
+
+``Learner`` holds the neocortex (slow base), the hippocampus (fast MoE, absent in the no-hippocampus
+ablation and the baselines), one optimizer for each, and the precision policy. ``system_hidden`` is one
+forward of base + hippocampal delta (as deployed); ``base_hidden`` is the same pass without the delta.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from biollm_cls.hippocampus import Hippocampus, Routing
+
+
+@dataclass
+class Precision:
+    """bf16/fp16 autocast on CUDA only; a GradScaler for fp16. Weights stay fp32 (master weights)."""
+
+    device: torch.device
+    enabled: bool
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def build(cls, device: torch.device, amp_enabled: bool, amp_dtype: str) -> Precision:
+        enabled = amp_enabled and device.type == "cuda"
+        dtype = torch.bfloat16 if amp_dtype == "bf16" else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if enabled and dtype == torch.float16 else None
+        return cls(device, enabled, dtype, scaler)
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+@dataclass
+class Learner:
+    neocortex: nn.Module
+    hippocampus: Hippocampus | None
+    base_optimizer: torch.optim.Optimizer
+    fast_optimizer: torch.optim.Optimizer | None
+    precision: Precision
+    device: torch.device
+    last_routing: list[Routing] = field(default_factory=list)
+
+    def system_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      track_stats: bool = False) -> torch.Tensor:
+        """Base + hippocampus in one pass; the routing of this call is left in `last_routing`."""
+        if self.hippocampus is None:
+            return self.neocortex.hidden(input_ids, attention_mask)
+        self.last_routing.clear()
+
+        def inject(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            delta, routing = self.hippocampus(h, mask, track_stats=track_stats)  # (B, T, H)
+            self.last_routing.append(routing)
+            return delta
+
+        return self.neocortex.hidden(input_ids, attention_mask, inject=inject)
+
+    def base_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.neocortex.hidden(input_ids, attention_mask)
+
+    def forced_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      gates: torch.Tensor) -> torch.Tensor:
+        """Base + the experts named by dense `gates` [B,E] (refresh tests one expert per row)."""
+        assert self.hippocampus is not None
+        return self.neocortex.hidden(input_ids, attention_mask,
+                                     inject=lambda h, m: self.hippocampus.mix(h, gates))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.neocortex.logits(hidden)
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.neocortex.parameters() if p.requires_grad]
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float,
+                       grad_clip: float) -> None:
+        """Unscale (fp16), clip, set this step's learning rate, step."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.precision.scaler is not None:
+            self.precision.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def end_update(self) -> None:
+        if self.precision.scaler is not None:
+            self.precision.scaler.update()
+
+
+def supervised_rows(supervised: torch.Tensor) -> torch.Tensor:
+    """[B,T] bool -> [N] row index of each supervised position, in row-major order."""
+    rows = torch.arange(supervised.shape[0], device=supervised.device).unsqueeze(1)
+    return rows.expand_as(supervised)[supervised]
+
+
+def per_row_mean(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Mean of per-token `values` [N] per row -> [num_rows] (0 for rows without tokens)."""
+    total = torch.zeros(num_rows, device=values.device, dtype=values.dtype).index_add_(0, rows, values)
+    count = torch.zeros(num_rows, device=values.device, dtype=values.dtype).index_add_(0, rows, torch.ones_like(values))
+    return total / count.clamp(min=1)

@@ -1,0 +1,244 @@
+"""Sleep: consolidate what base + hippocampus knows into the base alone.
+
+Each sleep step draws a shuffled replay batch (reservoir episodes) and, with ``pseudo_rehearsal``, pseudo
+examples whose teacher is the *current* system: ``replay_echo`` re-uses replayed inputs, ``random_tokens``
+uses uniform random token prompts, ``mixed`` both. Counts follow the reference: ``P = max(1, round(R *
+pseudo_ratio))``; mixed splits ``n_rand = round(P * pseudo_random_fraction)``, ``n_echo = P - n_rand``, with
+at least one of each when ``P >= 2``.
+
+Loss per step (the student is the base alone, in train mode; every teacher runs in eval mode)::
+
+    distill = mean over supervised positions of KL(p_teacher || p_base)      # per token, not x T
+    loss    = distill + target_ce_weight * CE(base, stored ground truth)     # replay rows only
+
+The teacher is a top-k distribution (Hinton et al., 2015, restricted to the teacher's k largest logits,
+renormalised): stored at wake time (``replay.teacher=stored_topk``) or recomputed from the current system
+(``recompute``). The online-EWC penalty gradient is added after the single backward (see ``ewc.py``).
+``distill_kl`` is measured on a fixed replay probe before and after the cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from biollm_cls.benchmarks.base import IGNORE, Batch
+from biollm_cls.config.schema import RunConfig
+from biollm_cls.ewc import OnlineEWC
+from biollm_cls.learner import Learner
+from biollm_cls.replay import Episode, ReservoirReplay, collate
+
+
+@dataclass
+class SleepReport:
+    steps: int = 0
+    distill_loss: float = 0.0
+    distill_kl: float = 0.0  # mean per-token KL over the cycle's steps
+    distill_kl_before: float = 0.0  # on the fixed probe, before the cycle
+    distill_kl_after: float = 0.0
+    target_ce: float = 0.0
+    ewc_penalty: float = 0.0
+    pseudo_batch_size: float = 0.0
+    replay_batch_size_sleep: float = 0.0
+    sleep_mix_ratio_pseudo: float = 0.0
+    fisher_replay_samples: int = 0
+    fisher_pseudo_samples: int = 0
+    fisher_source_mode: str = "none"
+    pseudo_source_mode: str = "off"
+    skipped_steps: int = 0
+
+
+def pseudo_counts(replay_count: int, cfg: RunConfig) -> tuple[int, int]:
+    """(n_echo, n_random) pseudo examples for a replay batch of `replay_count` (the reference's rules)."""
+    c = cfg.consolidation
+    if not c.pseudo_rehearsal or replay_count == 0:
+        return 0, 0
+    total = max(1, round(replay_count * c.pseudo_ratio))
+    if c.pseudo_source == "replay_echo":
+        return total, 0
+    if c.pseudo_source == "random_tokens":
+        return 0, total
+    n_rand = round(total * c.pseudo_random_fraction)
+    if total >= 2:
+        n_rand = min(max(n_rand, 1), total - 1)
+    return total - n_rand, n_rand
+
+
+def random_prompts(n: int, length: int, vocab_size: int, pad_id: int, generator: torch.Generator) -> Batch:
+    """n uniform-random token sequences, every position supervised (its teacher is the system)."""
+    ids = torch.randint(0, vocab_size, (n, length), generator=generator)  # (n, T)
+    tgt = torch.zeros(n, length, dtype=torch.long)  # placeholder: pseudo rows carry no ground truth
+    return Batch(ids, tgt, torch.ones(n, length, dtype=torch.bool), torch.full((n,), -1))
+
+
+@torch.no_grad()
+def system_topk(learner: Learner, batch: Batch, k: int, temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The current system's top-k logits at supervised positions: ([N,k] values, [N,k] ids), eval mode."""
+    was = learner.neocortex.training
+    learner.neocortex.eval()
+    with learner.precision.autocast():
+        hidden = learner.system_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
+        logits = learner.logits(hidden[batch.supervised]).float()  # (N, V)
+    learner.neocortex.train(was)
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    return top.values, top.indices
+
+
+def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_ids: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Per-token KL(p_T || p_S) with p_T a softmax over the teacher's top-k logits: [N,V],[N,k],[N,k] -> [N]."""
+    t = temperature
+    log_pt = torch.log_softmax(teacher_values.float() / t, dim=-1)  # (N, k)
+    log_ps = torch.log_softmax(student_logits.float() / t, dim=-1).gather(1, teacher_ids.long())  # (N, k)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(-1) * (t * t)  # (N,)
+
+
+def _stored_teacher(episodes: list[Episode], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.cat([e.teacher_values for e in episodes]).to(device, non_blocking=True)
+    ids = torch.cat([e.teacher_ids for e in episodes]).to(device, non_blocking=True)
+    return values, ids
+
+
+def _teacher(learner: Learner, episodes: list[Episode], batch: Batch, cfg: RunConfig):
+    if cfg.replay.teacher == "stored_topk" and episodes[0].teacher_values is not None:
+        return _stored_teacher(episodes, learner.device)
+    return system_topk(learner, batch, cfg.replay.teacher_topk)
+
+
+def _concat(a: Batch, b: Batch, pad_id: int) -> Batch:
+    T = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:
+        return F.pad(x, (0, T - x.shape[1]), value=value)
+
+    return Batch(
+        torch.cat([pad(a.input_ids, pad_id), pad(b.input_ids, pad_id)]),
+        torch.cat([pad(a.targets, IGNORE), pad(b.targets, IGNORE)]),
+        torch.cat([pad(a.attention_mask, False), pad(b.attention_mask, False)]),
+        torch.cat([a.task_ids, b.task_ids]),
+    )
+
+
+def concat_batches(a: Batch, b: Batch, pad_id: int) -> Batch:
+    """Stack two batches row-wise, right-padding to the longer one."""
+    return _concat(a, b, pad_id)
+
+
+def build_sleep_batch(learner: Learner, replay: ReservoirReplay, cfg: RunConfig, pad_id: int, vocab_size: int,
+                      generator: torch.Generator):
+    """One sleep mini-batch on the device: (batch, teacher values, teacher ids, n_replay_rows, n_pseudo)."""
+    episodes = replay.sample(cfg.replay.batch_size)
+    batch = collate(episodes, pad_id).to(learner.device)
+    values, ids = _teacher(learner, episodes, batch, cfg)
+    n_echo, n_rand = pseudo_counts(len(episodes), cfg)
+    pseudo_parts = []
+    if n_echo:
+        pseudo_parts.append(collate(replay.sample(n_echo), pad_id))
+    if n_rand:
+        pseudo_parts.append(random_prompts(n_rand, batch.input_ids.shape[1], vocab_size, pad_id, generator))
+    if not pseudo_parts:
+        return batch, values, ids, len(episodes), 0
+    pseudo = pseudo_parts[0] if len(pseudo_parts) == 1 else _concat(*pseudo_parts, pad_id)
+    pseudo = pseudo.to(learner.device)
+    p_values, p_ids = system_topk(learner, pseudo, cfg.replay.teacher_topk)
+    # Row order inside one batch does not change a full-batch gradient, so replay rows stay first
+    # (their stored teacher rows line up with the supervised positions in row-major order).
+    mixed = _concat(batch, pseudo, pad_id)
+    return mixed, torch.cat([values, p_values.to(values.dtype)]), torch.cat([ids, p_ids.to(ids.dtype)]), \
+        len(episodes), len(pseudo)
+
+
+def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: torch.Tensor, n_replay: int,
+               cfg: RunConfig, ewc: OnlineEWC) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One base update on a sleep batch. Returns (distill KL, target CE, applied)."""
+    learner.neocortex.train()
+    sup = batch.supervised  # (B, T)
+    with learner.precision.autocast():
+        hidden = learner.base_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
+        logits = learner.logits(hidden[sup]).float()  # (N, V)
+    distill = topk_kl(logits, t_values, t_ids, cfg.consolidation.distill_temperature).mean()
+    target_ce = torch.zeros((), device=logits.device)
+    if cfg.consolidation.target_ce_weight > 0:
+        n_replay_tokens = int(sup[:n_replay].sum())
+        target_ce = F.cross_entropy(logits[:n_replay_tokens], batch.targets[sup][:n_replay_tokens])
+    loss = distill + cfg.consolidation.target_ce_weight * target_ce
+    if not torch.isfinite(loss):
+        return distill.detach(), target_ce.detach(), False
+    learner.base_optimizer.zero_grad(set_to_none=True)
+    learner.backward(loss)
+    ewc.add_penalty_grad(learner.neocortex)
+    learner.step_optimizer(learner.base_optimizer, learner.base_parameters(), cfg.consolidation.slow_lr,
+                           cfg.train.grad_clip)
+    learner.end_update()
+    return distill.detach(), target_ce.detach(), True
+
+
+@torch.no_grad()
+def probe_kl(learner: Learner, episodes: list[Episode], pad_id: int, cfg: RunConfig) -> float:
+    """Mean per-token KL(teacher || base) on a fixed set of replay episodes, eval mode."""
+    if not episodes:
+        return 0.0
+    batch = collate(episodes, pad_id).to(learner.device)
+    values, ids = _teacher(learner, episodes, batch, cfg)
+    was = learner.neocortex.training
+    learner.neocortex.eval()
+    with learner.precision.autocast():
+        logits = learner.logits(learner.base_hidden(batch.input_ids, batch.attention_mask)[batch.supervised])
+    learner.neocortex.train(was)
+    return float(topk_kl(logits.float(), values, ids, cfg.consolidation.distill_temperature).mean())
+
+
+def sleep_cycle(learner: Learner, replay: ReservoirReplay, ewc: OnlineEWC, steps: int, cfg: RunConfig,
+                pad_id: int, vocab_size: int, generator: torch.Generator) -> SleepReport:
+    """`steps` consolidation updates, then the online-EWC Fisher at the consolidated weights."""
+    report = SleepReport(pseudo_source_mode=cfg.consolidation.pseudo_source
+                         if cfg.consolidation.pseudo_rehearsal else "off")
+    if len(replay) == 0 or steps <= 0:
+        return report
+    probe = replay.sample(cfg.replay.batch_size)
+    report.distill_kl_before = probe_kl(learner, probe, pad_id, cfg)
+    sums = torch.zeros(3, device=learner.device)  # distill, target CE, loss
+    pseudo_total = replay_total = 0
+    for _ in range(steps):
+        batch, t_values, t_ids, n_replay, n_pseudo = build_sleep_batch(learner, replay, cfg, pad_id, vocab_size,
+                                                                       generator)
+        distill, target_ce, applied = sleep_step(learner, batch, t_values, t_ids, n_replay, cfg, ewc)
+        if not applied:
+            report.skipped_steps += 1
+            continue
+        sums += torch.stack([distill, target_ce, distill + cfg.consolidation.target_ce_weight * target_ce])
+        pseudo_total += n_pseudo
+        replay_total += n_replay
+        report.steps += 1
+    n = max(report.steps, 1)
+    report.distill_kl, report.target_ce, report.distill_loss = (float(v) / n for v in sums)
+    report.pseudo_batch_size = pseudo_total / n
+    report.replay_batch_size_sleep = replay_total / n
+    report.sleep_mix_ratio_pseudo = pseudo_total / max(pseudo_total + replay_total, 1)
+    report.ewc_penalty = float(ewc.penalty(learner.neocortex))
+    report.distill_kl_after = probe_kl(learner, probe, pad_id, cfg)
+    _consolidate_fisher(learner, replay, ewc, cfg, pad_id, vocab_size, generator, report)
+    return report
+
+
+def _consolidate_fisher(learner: Learner, replay: ReservoirReplay, ewc: OnlineEWC, cfg: RunConfig, pad_id: int,
+                        vocab_size: int, generator: torch.Generator, report: SleepReport) -> None:
+    if ewc.lambda_ <= 0:
+        return
+    n = cfg.ewc.fisher_samples
+    n_echo, n_rand = pseudo_counts(n, cfg) if cfg.consolidation.fisher_use_capability_mix else (0, 0)
+    n_pseudo = min(n_echo + n_rand, n - 1)
+    parts = [collate(replay.sample(n - n_pseudo), pad_id)]
+    if n_pseudo:
+        length = parts[0].input_ids.shape[1]
+        parts.append(random_prompts(n_pseudo, length, vocab_size, pad_id, generator)
+                     if n_rand else collate(replay.sample(n_pseudo), pad_id))
+    batches = [p.to(learner.device) for p in parts]
+    report.fisher_replay_samples = len(parts[0])
+    report.fisher_pseudo_samples = len(parts[1]) if n_pseudo else 0
+    report.fisher_source_mode = "mixed_replay_pseudo" if n_pseudo else "replay_only"
+    ewc.consolidate(learner.neocortex, batches, learner.base_hidden, learner.logits, learner.precision.autocast,
+                    generator)

@@ -1,0 +1,447 @@
+"""The continual-learning loop: wake -> maybe sleep (-> refresh) -> evaluate at task boundaries -> log.
+
+``run_training(cfg)`` builds the parts (``build_run``), then for every step of the stream:
+
+1. WAKE: the hippocampus (or, in the baselines, the base) learns the batch; the batch enters replay.
+2. PRESSURE: saturation, novelty and forgetting update the sleep pressure.
+3. SLEEP: when the scheduler says so, consolidate system -> base, then REFRESH absorbed experts.
+4. BOUNDARY: after each task, evaluate every seen task in both views (system, base), checkpoint.
+5. LOG: one metrics row per step (``metrics.jsonl``; mirrored to W&B when enabled).
+
+Everything a run used is recorded next to its outputs (docs/run_outputs.md). Re-running the same
+command on the same output directory resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from biollm_cls.benchmarks import Batch, build_stream, is_boundary, task_at
+from biollm_cls.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from biollm_cls.config import RunConfig, to_dict, total_steps
+from biollm_cls.config.schema import ConfigError
+from biollm_cls.continual_metrics import ContinualMatrix
+from biollm_cls.device import configure_precision, device_facts, resolve_device, seed_everything
+from biollm_cls.evaluation import TaskScore, evaluate_seen
+from biollm_cls.ewc import OnlineEWC
+from biollm_cls.hippocampus import Hippocampus
+from biollm_cls.learner import Learner, Precision
+from biollm_cls.neocortex import build_neocortex
+from biollm_cls.refresh import RefreshReport, refresh_experts
+from biollm_cls.replay import ReservoirReplay, collate, episodes_from_batch
+from biollm_cls.run_io import MetricsLog, library_commit, now, versions, write_json, write_task_matrix
+from biollm_cls.scheduler import PressureSignals, SleepScheduler, clip01
+from biollm_cls.sleep import SleepReport, concat_batches, sleep_cycle
+from biollm_cls.wake import WakeOutcome, wake_step
+
+VIEWS = ("system", "base")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue (reported as one line, exit code 2)."""
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step (all of it goes into checkpoints)."""
+
+    step: int = 0
+    sleep_count: int = 0
+    refresh_count_total: int = 0
+    base_updates_in_sleep: int = 0
+    non_finite_step_count: int = 0
+    first_non_finite_step: int = -1
+    routing_ema: list[float] | None = None  # slow running average of routing shares
+    routing_fast: list[float] | None = None
+    loss_ema: float | None = None
+    forgetting_signal: float = 0.0
+    old_task_loss: float = float("nan")
+    wall_time_s: float = 0.0
+    task_matrix_rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    run_dir: Path
+    stream: object
+    learner: Learner
+    replay: ReservoirReplay | None
+    ewc: OnlineEWC
+    scheduler: SleepScheduler
+    generator: torch.Generator  # sleep sampling and pseudo tokens
+    matrices: dict[str, ContinualMatrix]
+    state: RunState
+    recent: list[Batch] = field(default_factory=list)  # the current task's last batches (boundary Fisher)
+
+    @property
+    def sleeps(self) -> bool:
+        return not self.cfg.train.ablation_no_sleep
+
+    @property
+    def pad_id(self) -> int:
+        return self.stream.pad_id
+
+
+# ---------------------------------------------------------------------------------------------------------
+def run_training(cfg: RunConfig) -> dict:
+    run = build_run(cfg)
+    total = total_steps(cfg)
+    log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.state.step or None, mirrors=_mirrors(run))
+    bar = tqdm(total=total, initial=run.state.step, desc="wake", dynamic_ncols=True,
+               disable=None if cfg.train.progress else True)
+    started = time.perf_counter() - run.state.wall_time_s
+    try:
+        for step in range(run.state.step + 1, total + 1):
+            task = task_at(step, cfg.benchmark.switch_every)
+            batch, stream_rows = wake_batch(run, step)
+            wake = wake_step(run.learner, batch.to(run.learner.device), cfg, run.ewc, stream_rows,
+                             keep_teacher=_keeps_teacher(run))
+            remember(run, batch, stream_rows, wake, step)
+            signals = pressure_signals(run, wake, step, task)
+            sleep, refresh = maybe_sleep(run, step, bar)
+            run.state.step, run.state.wall_time_s = step, time.perf_counter() - started
+            if step % cfg.logging.log_interval == 0 or sleep.steps:
+                log.log(step_row(run, step, task, wake, signals, sleep, refresh))
+            if is_boundary(step, cfg.benchmark.switch_every):
+                log.log(evaluate_boundary(run, step, task))
+                _save(run)
+            elif cfg.logging.checkpoint_interval and step % cfg.logging.checkpoint_interval == 0:
+                _save(run)
+            bar.update(1)
+            bar.set_postfix(task=run.stream.task_names[task], loss=f"{wake.loss:.3f}", sleeps=run.state.sleep_count)
+        summary = finish(run, log)
+    finally:
+        bar.close()
+        log.close()
+    return summary
+
+
+# ---- set-up ---------------------------------------------------------------------------------------------
+def build_run(cfg: RunConfig) -> Run:
+    run_dir = Path(cfg.logging.output_dir)
+    if (run_dir / "summary.json").exists():
+        raise RunError(f"{run_dir} already holds a completed run (summary.json); choose another "
+                       f"logging.output_dir or delete that directory to run again")
+    device = resolve_device(cfg.device)
+    if cfg.require_cuda and device.type != "cuda":
+        raise RunError("require_cuda=true but CUDA is not available (see `python -m biollm_cls.cli check-device`)")
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    configure_precision(device, cfg.train.allow_tf32, cfg.train.matmul_precision)
+    stream = build_stream(cfg)  # before anything is written: bad data fails early
+    if cfg.model.provider == "tiny" and cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = stream.vocab_size
+    if cfg.model.provider == "tiny" and cfg.model.vocab_size < stream.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the benchmark's "
+                          f"{stream.vocab_size} token ids: set model.vocab_size={stream.vocab_size} (or 0)")
+    learner = build_learner(cfg, device)
+    needs_replay = not cfg.train.ablation_no_sleep or cfg.replay.wake_mix > 0
+    generator = torch.Generator().manual_seed(cfg.seed + 17)
+    run = Run(
+        cfg=cfg, run_dir=run_dir, stream=stream, learner=learner,
+        replay=ReservoirReplay(cfg.replay.capacity, cfg.seed + 1) if needs_replay else None,
+        ewc=OnlineEWC(cfg.ewc.lambda_, cfg.ewc.fisher_decay),
+        scheduler=SleepScheduler(cfg.scheduler, cfg.consolidation), generator=generator,
+        matrices={v: ContinualMatrix(cfg.benchmark.num_tasks) for v in VIEWS}, state=RunState(),
+    )
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        _resume(run, checkpoints[-1])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "validated_config.json", to_dict(cfg))
+        write_json(run_dir / "run_metadata.json", _metadata(run, status="running"))
+    return run
+
+
+def build_learner(cfg: RunConfig, device: torch.device) -> Learner:
+    trains_base = not cfg.train.ablation_no_sleep or cfg.consolidation.wake_base_lr_scale > 0
+    neocortex = build_neocortex(cfg.model, device, trains_base=trains_base)
+    for p in neocortex.parameters():
+        p.requires_grad_(trains_base)
+    base_params = [p for p in neocortex.parameters() if p.requires_grad]
+    base_opt = torch.optim.AdamW(base_params or [torch.nn.Parameter(torch.zeros(1))], lr=cfg.consolidation.slow_lr)
+    hippocampus, fast_opt = None, None
+    if not cfg.train.ablation_disable_hippocampus:
+        hippocampus = Hippocampus(neocortex.hidden_size, cfg.experts).to(device)
+        fast_opt = torch.optim.AdamW(hippocampus.parameters(), lr=cfg.experts.fast_lr, weight_decay=0.0)
+    precision = Precision.build(device, cfg.train.amp_enabled, cfg.train.amp_dtype)
+    return Learner(neocortex, hippocampus, base_opt, fast_opt, precision, device)
+
+
+def _keeps_teacher(run: Run) -> bool:
+    return run.replay is not None and run.sleeps and run.cfg.replay.teacher == "stored_topk"
+
+
+def _mirrors(run: Run) -> list:
+    if not run.cfg.logging.use_wandb:
+        return []
+    from biollm_cls.wandb_logging import open_wandb_mirror
+
+    mirror = open_wandb_mirror(run.cfg, run.run_dir, run.learner.neocortex.runtime_info())
+    run.wandb = mirror
+    return [mirror] if mirror is not None else []
+
+
+# ---- the phases -----------------------------------------------------------------------------------------
+def wake_batch(run: Run, step: int) -> tuple[Batch, int]:
+    """This step's data; the `er` baseline mixes `replay.wake_mix` replayed episodes into it."""
+    batch = run.stream.train_batch(step, run.cfg.train.batch_size)
+    mix = run.cfg.replay.wake_mix
+    if mix > 0 and run.replay is not None and len(run.replay) > 0:
+        return concat_batches(batch, collate(run.replay.sample(mix), run.pad_id), run.pad_id), len(batch)
+    return batch, len(batch)
+
+
+def remember(run: Run, batch: Batch, stream_rows: int, wake: WakeOutcome, step: int) -> None:
+    """Store the new rows as episodes (replay) and keep the task's last batches (boundary Fisher)."""
+    st = run.state
+    if not wake.applied:
+        st.non_finite_step_count += 1
+        st.first_non_finite_step = step if st.first_non_finite_step < 0 else st.first_non_finite_step
+    new = Batch(batch.input_ids[:stream_rows], batch.targets[:stream_rows], batch.attention_mask[:stream_rows],
+                batch.task_ids[:stream_rows])
+    if run.replay is not None:
+        for episode in episodes_from_batch(new, step, wake.expert_ids, wake.expert_weights, wake.row_loss,
+                                           wake.teacher_values, wake.teacher_ids):
+            run.replay.add(episode)
+    if run.cfg.ewc.fisher_update == "boundary" and run.ewc.lambda_ > 0:
+        run.recent.append(new)
+        while sum(len(b) for b in run.recent[1:]) >= run.cfg.ewc.fisher_samples:
+            run.recent.pop(0)
+
+
+def pressure_signals(run: Run, wake: WakeOutcome, step: int, task: int) -> PressureSignals:
+    st, hip, sc = run.state, run.learner.hippocampus, run.cfg.scheduler
+    novelty = 0.0
+    if wake.expert_share is not None:  # routing shift: a fast vs a slow running average of expert shares
+        share = wake.expert_share.tolist()
+        fast = st.routing_fast or share
+        slow = st.routing_ema or share
+        st.routing_fast = [0.8 * a + 0.2 * b for a, b in zip(fast, share, strict=True)]
+        st.routing_ema = [sc.novelty_decay * a + (1 - sc.novelty_decay) * b for a, b in zip(slow, share, strict=True)]
+        novelty = 0.5 * sum(abs(a - b) for a, b in zip(st.routing_fast, st.routing_ema, strict=True))
+    if st.loss_ema is not None and wake.applied:
+        novelty = max(novelty, clip01((wake.loss - st.loss_ema) / max(st.loss_ema, 1e-6)))
+    if wake.applied:
+        st.loss_ema = wake.loss if st.loss_ema is None else sc.novelty_decay * st.loss_ema + (
+            1 - sc.novelty_decay) * wake.loss
+    if run.sleeps and step % sc.probe_interval == 0:
+        st.forgetting_signal, st.old_task_loss = forgetting_probe(run, task)
+    saturation = float(hip.saturation_ratio()) if hip is not None else 0.0
+    signals = PressureSignals(saturation=saturation, novelty=clip01(novelty), forgetting=st.forgetting_signal)
+    run.scheduler.update(signals)
+    return signals
+
+
+@torch.no_grad()
+def forgetting_probe(run: Run, task: int) -> tuple[float, float]:
+    """Loss rise of the system on replayed episodes of seen, non-current tasks since they were experienced."""
+    episodes = run.replay.sample(run.cfg.scheduler.probe_size, exclude_task=task) if run.replay else []
+    if not episodes:
+        return 0.0, float("nan")
+    learner = run.learner
+    batch = collate(episodes, run.pad_id).to(learner.device)
+    learner.neocortex.eval()
+    with learner.precision.autocast():
+        logits = learner.logits(learner.system_hidden(batch.input_ids, batch.attention_mask)[batch.supervised])
+    from biollm_cls.learner import per_row_mean, supervised_rows
+
+    token = torch.nn.functional.cross_entropy(logits.float(), batch.targets[batch.supervised], reduction="none")
+    now_loss = per_row_mean(token, supervised_rows(batch.supervised), len(episodes)).cpu()
+    then = torch.tensor([e.wake_loss for e in episodes])
+    rise = (now_loss - then).clamp(min=0).mean().item()
+    return clip01(rise / run.cfg.scheduler.forgetting_scale), now_loss.mean().item()
+
+
+def maybe_sleep(run: Run, step: int, bar) -> tuple[SleepReport, RefreshReport]:
+    if not run.sleeps or run.replay is None or not run.scheduler.should_sleep(step):
+        return SleepReport(pseudo_source_mode="off"), RefreshReport()
+    steps = run.scheduler.recommended_steps()
+    bar.set_description("sleep")
+    report = sleep_cycle(run.learner, run.replay, run.ewc, steps, run.cfg, run.pad_id, run.stream.vocab_size,
+                         run.generator)
+    refresh = RefreshReport()
+    if report.steps and report.distill_kl_after < report.distill_kl_before:
+        refresh = refresh_experts(run.learner, run.replay, run.cfg, run.pad_id)
+    bar.set_description("wake")
+    run.scheduler.mark_slept(step)
+    st = run.state
+    st.sleep_count += 1
+    st.base_updates_in_sleep += report.steps
+    st.refresh_count_total += refresh.refresh_count
+    return report, refresh
+
+
+def evaluate_boundary(run: Run, step: int, task: int) -> dict:
+    """Evaluate every seen task in both views (eval mode) and record the boundary row."""
+    cfg, learner = run.cfg, run.learner
+    if cfg.ewc.fisher_update == "boundary" and run.ewc.lambda_ > 0 and run.recent:
+        batches = [b.to(learner.device) for b in run.recent]
+        run.ewc.consolidate(learner.neocortex, batches, learner.base_hidden, learner.logits,
+                            learner.precision.autocast, run.generator)
+        run.recent.clear()
+    seen = list(range(task + 1))
+    learner.neocortex.eval()
+    views = {"system": learner.system_hidden, "base": learner.base_hidden}
+    row: dict = {"kind": "boundary", "step": step, "boundary_index": task, "boundary_step": step,
+                 "task_id": task, "task_name": run.stream.task_names[task], "tasks_completed": task + 1}
+    for view in VIEWS if learner.hippocampus is not None else ("base",):
+        scores = evaluate_seen(views[view], learner.logits, run.stream, seen, cfg.train.eval_batch_size,
+                               learner.device, learner.precision.autocast)
+        row.update(_record_view(run, view, task, step, scores))
+    if learner.hippocampus is None:  # without a hippocampus the deployed system is the base
+        row.update(_record_view(run, "system", task, step, _last_scores(run, "base", task)))
+    return row
+
+
+def _last_scores(run: Run, view: str, task: int) -> dict[int, TaskScore]:
+    rows = [r for r in run.state.task_matrix_rows if r["view"] == view and r["boundary_index"] == task]
+    return {r["task_id"]: TaskScore(r["token_acc"], r["loss"], r["n_tokens"], r["exact_match"], 0) for r in rows}
+
+
+def _record_view(run: Run, view: str, task: int, step: int, scores: dict[int, TaskScore]) -> dict:
+    matrix = run.matrices[view]
+    matrix.record(task, [scores[j].token_acc for j in range(task + 1)], [scores[j].loss for j in range(task + 1)])
+    out = {f"{view}/{k}": v for k, v in matrix.boundary_metrics(task).items()}
+    out[f"{view}/uncovered_tasks"] = [run.stream.task_names[j] for j in matrix.uncovered(task)]
+    for j, s in scores.items():
+        name = run.stream.task_names[j]
+        out.update({f"{view}/task_acc/{name}": s.token_acc, f"{view}/task_loss/{name}": s.loss,
+                    f"{view}/task_tokens/{name}": s.n_tokens, f"{view}/task_exact/{name}": s.exact_match})
+        run.state.task_matrix_rows.append({
+            "boundary_index": task, "boundary_step": step, "view": view, "task_id": j, "task_name": name,
+            "token_acc": s.token_acc, "loss": s.loss, "n_tokens": s.n_tokens, "exact_match": s.exact_match})
+    return out
+
+
+# ---- logging --------------------------------------------------------------------------------------------
+def step_row(run: Run, step: int, task: int, wake: WakeOutcome, signals: PressureSignals, sleep: SleepReport,
+             refresh: RefreshReport) -> dict:
+    st, hip, replay = run.state, run.learner.hippocampus, run.replay
+    row = {
+        "kind": "step", "step": step, "task_id": task, "task_name": run.stream.task_names[task],
+        "task_loss": wake.loss, "task_acc": wake.accuracy, "reward_mult": wake.reward_mult,
+        "routing_reg": wake.routing_reg, "fast_update_applied": int(wake.applied and hip is not None),
+        "batch_supervised_tokens": wake.supervised_tokens,
+        "batch_supervised_fraction": wake.supervised_tokens / max(wake.batch_tokens, 1),
+        "replay_size": len(replay) if replay else 0, "replay_added_this_step": wake.row_loss.numel() if replay else 0,
+        "sleep_pressure": run.scheduler.pressure, "saturation_ratio": signals.saturation,
+        "novelty_rate": signals.novelty, "forgetting_index": signals.forgetting, "old_task_loss": st.old_task_loss,
+        "sleep_count": st.sleep_count, "sleep_steps": sleep.steps,
+        "expert_util_entropy": float(hip.utilization_entropy()) if hip is not None else 0.0,
+        "refresh_count": refresh.refresh_count, "refresh_avg_kl": refresh.refresh_avg_kl,
+        "non_finite_step_count": st.non_finite_step_count, "first_non_finite_step": st.first_non_finite_step,
+        "replay_bytes_per_episode": replay.bytes_per_episode() if replay else 0.0,
+    }
+    row.update({k: v for k, v in asdict(sleep).items() if k != "steps"})
+    if run.learner.device.type == "cuda":
+        row["cuda_mem_alloc_mb"] = torch.cuda.memory_allocated() / 2**20
+        row["cuda_mem_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
+    return row
+
+
+def finish(run: Run, log: MetricsLog) -> dict:
+    cfg, st = run.cfg, run.state
+    summary = {
+        "run": {"ablation": cfg.ablation_name, "seed": cfg.seed, "suite_name": cfg.suite_name,
+                "benchmark": cfg.benchmark.name, "num_tasks": cfg.benchmark.num_tasks,
+                "task_names": list(run.stream.task_names), "steps": total_steps(cfg)},
+        "views": {v: run.matrices[v].summary() for v in VIEWS},
+        "counters": {
+            "sleep_count": st.sleep_count, "refresh_count_total": st.refresh_count_total,
+            "base_updates_in_sleep": st.base_updates_in_sleep, "non_finite_step_count": st.non_finite_step_count,
+            "first_non_finite_step": st.first_non_finite_step,
+            "replay_bytes_per_episode": run.replay.bytes_per_episode() if run.replay else 0.0,
+            "replay_bytes_total": run.replay.bytes_total() if run.replay else 0,
+            "replay_size": len(run.replay) if run.replay else 0,
+        },
+    }
+    for view in VIEWS:
+        for key, value in summary["views"][view].items():
+            if view == "system" and key in ("final_seen_acc_avg", "final_forgetting", "final_bwt", "seen_acc_auc"):
+                summary[key] = value
+    _save(run)
+    log.log({"kind": "summary", "step": st.step, **summary})
+    timing = {"wall_time_s": round(st.wall_time_s, 3), "steps_per_s": round(st.step / max(st.wall_time_s, 1e-9), 3)}
+    write_task_matrix(run.run_dir / "task_matrix.csv", st.task_matrix_rows)
+    write_json(run.run_dir / "run_metadata.json", _metadata(run, status="complete", timing=timing))
+    mirror = getattr(run, "wandb", None)
+    if mirror is not None:
+        mirror.finish(summary, {"config": run.run_dir / "validated_config.json",
+                                "metadata": run.run_dir / "run_metadata.json",
+                                "metrics": run.run_dir / "metrics.jsonl"})
+    write_json(run.run_dir / "summary.json", summary)  # last: its presence means the run completed
+    return summary
+
+
+def _metadata(run: Run, status: str, timing: dict | None = None) -> dict:
+    path = run.run_dir / "run_metadata.json"
+    previous = {}
+    if path.exists():
+        import json
+
+        previous = json.loads(path.read_text())
+    meta = {
+        "status": status, "seed": run.cfg.seed, "ablation": run.cfg.ablation_name,
+        "library": {"version": versions()["biollm_cls"], **library_commit()}, "versions": versions(),
+        "device": str(run.learner.device), "device_facts": device_facts(),
+        "start_time": previous.get("start_time", now()), "end_time": now() if status == "complete" else None,
+        "neocortex": run.learner.neocortex.runtime_info(), "benchmark": run.stream.describe(),
+        "amp": {"enabled": run.learner.precision.enabled, "dtype": str(run.learner.precision.dtype)},
+    }
+    if timing:
+        meta["timing"] = timing
+    return meta
+
+
+# ---- checkpoint and resume ------------------------------------------------------------------------------
+def _save(run: Run) -> None:
+    learner, st = run.learner, run.state
+    state = {
+        "step": st.step, "run_state": asdict(st),
+        "neocortex": learner.neocortex.state_dict(), "base_optimizer": learner.base_optimizer.state_dict(),
+        "hippocampus": learner.hippocampus.state_dict() if learner.hippocampus is not None else None,
+        "fast_optimizer": learner.fast_optimizer.state_dict() if learner.fast_optimizer is not None else None,
+        "scaler": learner.precision.scaler.state_dict() if learner.precision.scaler is not None else None,
+        "replay": run.replay.state_dict() if run.replay is not None else None,
+        "ewc": run.ewc.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "matrices": {v: m.state_dict() for v, m in run.matrices.items()},
+        "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "recent": [asdict(b) for b in run.recent],
+    }
+    save_checkpoint(state, run.run_dir, st.step, run.cfg.logging.checkpoint_keep_last)
+
+
+def _resume(run: Run, path: Path) -> None:
+    import json
+
+    saved_cfg = json.loads((run.run_dir / "validated_config.json").read_text())
+    current = json.loads(json.dumps(to_dict(run.cfg)))
+    if saved_cfg != current:
+        changed = sorted(k for k in set(saved_cfg) | set(current) if saved_cfg.get(k) != current.get(k))
+        raise RunError(f"{run.run_dir} holds a run with a different config (differs in: {', '.join(changed)}); "
+                       f"use another logging.output_dir")
+    state = load_checkpoint(path, run.learner.device)
+    learner = run.learner
+    learner.neocortex.load_state_dict(state["neocortex"])
+    learner.base_optimizer.load_state_dict(state["base_optimizer"])
+    if learner.hippocampus is not None:
+        learner.hippocampus.load_state_dict(state["hippocampus"])
+        learner.fast_optimizer.load_state_dict(state["fast_optimizer"])
+    if learner.precision.scaler is not None and state["scaler"]:
+        learner.precision.scaler.load_state_dict(state["scaler"])
+    if run.replay is not None:
+        run.replay.load_state_dict(state["replay"])
+    run.ewc.load_state_dict(state["ewc"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.matrices = {v: ContinualMatrix.from_state_dict(m) for v, m in state["matrices"].items()}
+    run.generator.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    run.recent = [Batch(**{k: t.cpu() for k, t in b.items()}) for b in state["recent"]]
+    run.state = RunState(**state["run_state"])
