@@ -119,13 +119,13 @@ def library_commit() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    import torch
+    from importlib import metadata
 
-    out = {"biollm_cls": biollm_cls.__version__, "python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "datasets", "numpy", "wandb"):
+    out = {"biollm_cls": biollm_cls.__version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "datasets", "numpy", "wandb", "hydra-core"):
         try:
-            out[name] = __import__(name).__version__
-        except ImportError:
+            out[name] = metadata.version(name)  # no import: transformers/wandb take seconds to import
+        except metadata.PackageNotFoundError:
             out[name] = "missing"
     return out
 

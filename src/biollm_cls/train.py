@@ -131,6 +131,8 @@ def build_run(cfg: RunConfig) -> Run:
     device = resolve_device(cfg.device)
     if cfg.require_cuda and device.type != "cuda":
         raise RunError("require_cuda=true but CUDA is not available (see `python -m biollm_cls.cli check-device`)")
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.seed, cfg.train.deterministic)
     configure_precision(device, cfg.train.allow_tf32, cfg.train.matmul_precision)
     stream = build_stream(cfg)  # before anything is written: bad data fails early

@@ -72,7 +72,7 @@ class ExpertsConfig:
     expert_hidden: int = 128
     top_k: int = 2
     routing: str = "sequence"  # sequence (pooled over non-padding positions) | token
-    fast_lr: float = 3e-3
+    fast_lr: float = 1e-2
     reward_alpha: float = 0.5
     routing_reg_weight: float = 0.01
     utilization_bonus: float = 0.1
@@ -154,6 +154,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     deterministic: bool = True
     progress: bool = True  # tqdm bar (hidden when stderr is not a TTY)
+    num_threads: int = 0  # CPU threads for torch; 0 = torch's default. 1 is fastest for the tiny model
 
 
 @dataclass
