@@ -31,6 +31,7 @@ from biollm_cls.evaluation import TaskScore, evaluate_seen
 from biollm_cls.ewc import OnlineEWC
 from biollm_cls.hippocampus import Hippocampus
 from biollm_cls.learner import Learner, Precision
+from biollm_cls.metric_glossary import write_glossary
 from biollm_cls.neocortex import build_neocortex
 from biollm_cls.refresh import RefreshReport, refresh_experts
 from biollm_cls.replay import ReservoirReplay, collate, episodes_from_batch
@@ -78,6 +79,7 @@ class Run:
     matrices: dict[str, ContinualMatrix]
     state: RunState
     recent: list[Batch] = field(default_factory=list)  # the current task's last batches (boundary Fisher)
+    wandb: object | None = None  # the W&B mirror, when logging.use_wandb
 
     @property
     def sleeps(self) -> bool:
@@ -116,6 +118,10 @@ def run_training(cfg: RunConfig) -> dict:
             bar.update(1)
             bar.set_postfix(task=run.stream.task_names[task], loss=f"{wake.loss:.3f}", sleeps=run.state.sleep_count)
         summary = finish(run, log)
+    except BaseException:
+        if run.wandb is not None:
+            run.wandb.finish({}, _run_files(run), exit_code=1)  # mark the W&B run failed, keep local files
+        raise
     finally:
         bar.close()
         log.close()
@@ -133,7 +139,7 @@ def build_run(cfg: RunConfig) -> Run:
         raise RunError("require_cuda=true but CUDA is not available (see `python -m biollm_cls.cli check-device`)")
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.seed, cfg.train.deterministic)
+    seed_everything(cfg.seed, cfg.train.deterministic, device)
     configure_precision(device, cfg.train.allow_tf32, cfg.train.matmul_precision)
     stream = build_stream(cfg)  # before anything is written: bad data fails early
     if cfg.model.provider == "tiny" and cfg.model.vocab_size == 0:
@@ -187,7 +193,10 @@ def _mirrors(run: Run) -> list:
 
     mirror = open_wandb_mirror(run.cfg, run.run_dir, run.learner.neocortex.runtime_info())
     run.wandb = mirror
-    return [mirror] if mirror is not None else []
+    if mirror is None:
+        return []
+    mirror.watch(run.learner.neocortex)
+    return [mirror]
 
 
 # ---- the phases -----------------------------------------------------------------------------------------
@@ -373,13 +382,19 @@ def finish(run: Run, log: MetricsLog) -> dict:
     timing = {"wall_time_s": round(st.wall_time_s, 3), "steps_per_s": round(st.step / max(st.wall_time_s, 1e-9), 3)}
     write_task_matrix(run.run_dir / "task_matrix.csv", st.task_matrix_rows)
     write_json(run.run_dir / "run_metadata.json", _metadata(run, status="complete", timing=timing))
-    mirror = getattr(run, "wandb", None)
-    if mirror is not None:
-        mirror.finish(summary, {"config": run.run_dir / "validated_config.json",
-                                "metadata": run.run_dir / "run_metadata.json",
-                                "metrics": run.run_dir / "metrics.jsonl"})
+    write_glossary(run.run_dir)  # what every logged metric means, next to the metrics
+    if run.wandb is not None:
+        run.wandb.finish(summary, _run_files(run))  # the summary goes up as the W&B run summary
     write_json(run.run_dir / "summary.json", summary)  # last: its presence means the run completed
     return summary
+
+
+def _run_files(run: Run) -> dict[str, Path]:
+    d = run.run_dir
+    files = {"config": d / "validated_config.json", "metadata": d / "run_metadata.json",
+             "metrics": d / "metrics.jsonl", "task_matrix": d / "task_matrix.csv",
+             "glossary_json": d / "metric_glossary.json", "glossary_md": d / "metric_glossary.md"}
+    return {k: v for k, v in files.items() if v.exists()}
 
 
 def _metadata(run: Run, status: str, timing: dict | None = None) -> dict:
@@ -417,7 +432,9 @@ def _save(run: Run) -> None:
         "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
         "recent": [asdict(b) for b in run.recent],
     }
-    save_checkpoint(state, run.run_dir, st.step, run.cfg.logging.checkpoint_keep_last)
+    path = save_checkpoint(state, run.run_dir, st.step, run.cfg.logging.checkpoint_keep_last)
+    if run.wandb is not None:
+        run.wandb.log_checkpoint(path, st.step)
 
 
 def _resume(run: Run, path: Path) -> None:
