@@ -155,6 +155,9 @@ def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: to
                cfg: RunConfig, ewc: OnlineEWC) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One base update on a sleep batch. Returns (distill KL, target CE, applied)."""
     learner.neocortex.train()
+    # Perf: free the previous step's gradients before the forward, not after it (peak memory: the old
+    # gradients and this step's activations are never alive together). Nothing reads .grad in between.
+    learner.base_optimizer.zero_grad(set_to_none=True)
     sup = batch.supervised  # (B, T)
     with learner.precision.autocast():
         hidden = learner.base_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
@@ -167,7 +170,6 @@ def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: to
     loss = distill + cfg.consolidation.target_ce_weight * target_ce
     if not torch.isfinite(loss):
         return distill.detach(), target_ce.detach(), False
-    learner.base_optimizer.zero_grad(set_to_none=True)
     learner.backward(loss)
     ewc.add_penalty_grad(learner.neocortex)
     learner.step_optimizer(learner.base_optimizer, learner.base_parameters(), cfg.consolidation.slow_lr,
@@ -230,15 +232,17 @@ def _consolidate_fisher(learner: Learner, replay: ReservoirReplay, ewc: OnlineEW
         return
     n = cfg.ewc.fisher_samples
     n_echo, n_rand = pseudo_counts(n, cfg) if cfg.consolidation.fisher_use_capability_mix else (0, 0)
-    n_pseudo = min(n_echo + n_rand, n - 1)
-    parts = [collate(replay.sample(n - n_pseudo), pad_id)]
-    if n_pseudo:
-        length = parts[0].input_ids.shape[1]
-        parts.append(random_prompts(n_pseudo, length, vocab_size, pad_id, generator)
-                     if n_rand else collate(replay.sample(n_pseudo), pad_id))
+    n_echo, n_rand = min(n_echo, n - 1), min(n_rand, n - 1 - min(n_echo, n - 1))
+    replay_part = collate(replay.sample(n - n_echo - n_rand), pad_id)
+    parts = [replay_part]
+    if n_echo:
+        parts.append(collate(replay.sample(n_echo), pad_id))
+    if n_rand:
+        parts.append(random_prompts(n_rand, replay_part.input_ids.shape[1], vocab_size, pad_id, generator))
     batches = [p.to(learner.device) for p in parts]
-    report.fisher_replay_samples = len(parts[0])
-    report.fisher_pseudo_samples = len(parts[1]) if n_pseudo else 0
+    report.fisher_replay_samples = len(replay_part)
+    report.fisher_pseudo_samples = sum(len(p) for p in parts[1:])
+    n_pseudo = report.fisher_pseudo_samples
     report.fisher_source_mode = "mixed_replay_pseudo" if n_pseudo else "replay_only"
     ewc.consolidate(learner.neocortex, batches, learner.base_hidden, learner.logits, learner.precision.autocast,
                     generator)

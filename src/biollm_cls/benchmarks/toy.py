@@ -11,6 +11,7 @@ batches come from ``step_generator(seed, step)`` and held-out data from a separa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -37,6 +38,11 @@ class ToyStream:
             raise ConfigError(
                 f"model.vocab_size={self.vocab_size} leaves {content} content tokens after {self.first_content} task "
                 f"cues: raise model.vocab_size (>= {self.first_content + 4})"
+            )
+        if content < 8 and self.num_tasks >= math.factorial(content):
+            raise ConfigError(
+                f"benchmark.num_tasks={self.num_tasks} needs more distinct task maps than {content} content tokens "
+                f"allow ({math.factorial(content) - 1}): raise model.vocab_size"
             )
         self.task_names = [f"toy_{i}" for i in range(self.num_tasks)]
         self.maps = self._draw_maps(content)  # (num_tasks, V) full-vocabulary lookup tables

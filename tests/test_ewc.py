@@ -1,0 +1,178 @@
+"""Online EWC: the penalty and its gradient by hand, the Fisher estimator, accumulation, batching independence."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from biollm_cls.benchmarks.base import IGNORE, Batch
+from biollm_cls.ewc import OnlineEWC
+
+nullcast = contextlib.nullcontext
+
+
+class TwoParams(nn.Module):
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([a]))
+        self.b = nn.Parameter(torch.tensor([b]))
+
+
+def set_state(ewc: OnlineEWC, fisher: list[float], anchor: list[float]) -> None:
+    ewc.fisher = {"a": torch.tensor([fisher[0]]), "b": torch.tensor([fisher[1]])}
+    ewc.anchor = {"a": torch.tensor([anchor[0]]), "b": torch.tensor([anchor[1]])}
+
+
+def test_penalty_by_hand():
+    model = TwoParams(1.5, -1.0)
+    ewc = OnlineEWC(lambda_=2.0, decay=0.9)
+    assert not ewc.active and ewc.penalty(model).item() == 0.0
+    set_state(ewc, fisher=[3.0, 0.5], anchor=[1.0, 1.0])
+    assert ewc.active
+    # (2/2) * (3 * 0.5^2 + 0.5 * (-2)^2) = 0.75 + 2.0
+    assert ewc.penalty(model).item() == pytest.approx(2.75)
+
+
+def test_add_penalty_grad_adds_exactly_lambda_f_delta():
+    model = TwoParams(1.5, -1.0)
+    ewc = OnlineEWC(lambda_=2.0, decay=0.9)
+    set_state(ewc, fisher=[3.0, 0.5], anchor=[1.0, 1.0])
+    model.a.grad = torch.tensor([0.1])
+    model.b.grad = None  # a missing grad starts from zero
+    ewc.add_penalty_grad(model)
+    assert model.a.grad.item() == pytest.approx(0.1 + 2.0 * 3.0 * 0.5)
+    assert model.b.grad.item() == pytest.approx(2.0 * 0.5 * -2.0)
+    # it is the gradient of the penalty
+    check = TwoParams(1.5, -1.0)
+    p = 0.5 * 2.0 * (3.0 * (check.a - 1.0) ** 2 + 0.5 * (check.b - 1.0) ** 2)
+    p.sum().backward()
+    assert model.a.grad.item() - 0.1 == pytest.approx(check.a.grad.item())
+    assert model.b.grad.item() == pytest.approx(check.b.grad.item())
+
+
+class LogitModel(nn.Module):
+    """Logits = theta (V=2) at every position, whatever the input; `other` never enters the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(2))
+        self.other = nn.Parameter(torch.ones(3))
+
+    def hidden(self, ids, mask):
+        return torch.zeros(*ids.shape, 1)
+
+    def logits(self, h):
+        return self.theta.expand(h.shape[0], 2) + 0.0 * h
+
+
+def one_supervised_batch(n: int, T: int = 3) -> Batch:
+    tgt = torch.full((n, T), IGNORE)
+    tgt[:, 1] = 0
+    return Batch(torch.zeros(n, T, dtype=torch.long), tgt, torch.ones(n, T, dtype=torch.bool), torch.zeros(n))
+
+
+def consolidate(ewc, model, batches, seed=0):
+    return ewc.consolidate(model, batches, model.hidden, model.logits, nullcast, torch.Generator().manual_seed(seed))
+
+
+def test_fisher_by_hand_and_accumulation_across_two_consolidations():
+    """At theta = 0, p = (1/2, 1/2): for either sampled y the squared gradient of -log p(y) is (1/4, 1/4)."""
+    model = LogitModel()
+    ewc = OnlineEWC(lambda_=1.0, decay=0.9)
+    batch = one_supervised_batch(4)
+    batch.targets[3] = IGNORE  # a row without supervision is skipped
+    assert consolidate(ewc, model, [batch]) == 3
+    assert torch.allclose(ewc.fisher["theta"], torch.tensor([0.25, 0.25]))
+    assert torch.equal(ewc.fisher["other"], torch.zeros(3))
+    assert torch.equal(ewc.anchor["other"], torch.ones(3)) and ewc.updates == 1
+    with torch.no_grad():
+        model.other.fill_(5.0)  # move a weight: the anchor must follow
+    assert consolidate(ewc, model, [one_supervised_batch(2)], seed=1) == 2
+    assert torch.allclose(ewc.fisher["theta"], torch.tensor([0.9 * 0.25 + 0.25] * 2))
+    assert torch.equal(ewc.anchor["other"], torch.full((3,), 5.0)) and ewc.updates == 2
+    assert model.theta.grad is None  # grads are cleared afterwards
+
+
+def test_fisher_accumulates_as_decay_f1_plus_f2(tiny_cfg, make_learner):
+    learner = make_learner(tiny_cfg)
+    net = learner.neocortex
+    batch = _lm_batch(6)
+    ewc = OnlineEWC(lambda_=1.0, decay=0.7)
+
+    def run(e, seed):
+        return e.consolidate(net, [batch], learner.base_hidden, learner.logits, nullcast,
+                             torch.Generator().manual_seed(seed))
+
+    run(ewc, 0)
+    f1 = {n: f.clone() for n, f in ewc.fisher.items()}
+    assert sum(float(f.sum()) for f in f1.values()) > 0
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    run(ewc, 1)
+    fresh = OnlineEWC(lambda_=1.0, decay=0.7)
+    run(fresh, 1)  # F2 alone: same weights, same samples
+    for n in f1:
+        assert torch.allclose(ewc.fisher[n], 0.7 * f1[n] + fresh.fisher[n], rtol=1e-5, atol=1e-10), n
+        assert torch.equal(ewc.anchor[n], dict(net.named_parameters())[n].detach())
+    assert ewc.updates == 2
+
+
+def _lm_batch(n: int) -> Batch:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 16, (n, 8), generator=g)
+    tgt = torch.randint(0, 16, (n, 8), generator=g)
+    tgt[:, :2] = IGNORE
+    mask = torch.ones(n, 8, dtype=torch.bool)
+    mask[0, 6:] = False
+    tgt[0, 6:] = IGNORE
+    return Batch(ids, tgt, mask, torch.zeros(n, dtype=torch.long))
+
+
+def _rows(batch: Batch, sl: slice) -> Batch:
+    return Batch(batch.input_ids[sl], batch.targets[sl], batch.attention_mask[sl], batch.task_ids[sl])
+
+
+def test_estimate_does_not_depend_on_batching(tiny_cfg, make_learner):
+    learner = make_learner(tiny_cfg)
+    batch = _lm_batch(4)
+    fishers = []
+    for split in ([slice(0, 4)], [slice(0, 2), slice(2, 4)], [slice(i, i + 1) for i in range(4)]):
+        ewc = OnlineEWC(lambda_=1.0, decay=0.9)
+        n = ewc.consolidate(learner.neocortex, [_rows(batch, s) for s in split], learner.base_hidden,
+                            learner.logits, nullcast, torch.Generator().manual_seed(0))
+        assert n == 4
+        fishers.append(ewc.fisher)
+    for other in fishers[1:]:
+        for name in fishers[0]:
+            assert torch.allclose(fishers[0][name], other[name], rtol=1e-5, atol=1e-12), name
+
+
+def test_lambda_zero_estimates_nothing():
+    model = LogitModel()
+    ewc = OnlineEWC(lambda_=0.0, decay=0.9)
+    assert consolidate(ewc, model, [one_supervised_batch(3)]) == 0
+    assert ewc.fisher == {} and ewc.anchor == {} and not ewc.active and ewc.updates == 0
+    model.theta.grad = torch.tensor([1.0, 2.0])
+    ewc.add_penalty_grad(model)
+    assert model.theta.grad.tolist() == [1.0, 2.0]
+    assert ewc.penalty(model).item() == 0.0
+    set_state_model = OnlineEWC(lambda_=0.0, decay=0.9)
+    set_state_model.fisher = {"theta": torch.ones(2)}
+    assert not set_state_model.active  # a Fisher without a positive lambda is never applied
+
+
+def test_state_dict_round_trip():
+    model = LogitModel()
+    ewc = OnlineEWC(lambda_=1.0, decay=0.9)
+    consolidate(ewc, model, [one_supervised_batch(2)])
+    other = OnlineEWC(lambda_=1.0, decay=0.9)
+    other.load_state_dict(ewc.state_dict())
+    assert other.updates == 1 and other.active
+    assert torch.equal(other.fisher["theta"], ewc.fisher["theta"])
+    with torch.no_grad():
+        model.theta.add_(1.0)
+    assert other.penalty(model).item() == pytest.approx(ewc.penalty(model).item()) == pytest.approx(0.25)
