@@ -93,7 +93,7 @@ class ReplayConfig:
 
 @dataclass
 class RefreshConfig:
-    kl_threshold: float = 0.05  # per-token KL(system-with-expert || base) below which an expert is absorbed
+    kl_threshold: float = 0.3  # per-token KL(base + expert || base), nats, below which the expert is absorbed
     reset_factor: float = 0.1  # keep this fraction of the learned deviation; >= 1 disables refresh
     samples_per_expert: int = 8
 
@@ -118,7 +118,7 @@ class ConsolidationConfig:
 
 @dataclass
 class EWCConfig:
-    lambda_: float = 100.0
+    lambda_: float = 1.0  # the tiny toy: 100 (the reference) froze the base after its first sleep
     fisher_decay: float = 0.9  # online EWC: F <- decay * F + F_new, once per consolidation
     fisher_samples: int = 64  # sequences used to estimate the Fisher
     fisher_update: str = "sleep"  # sleep (after each sleep) | boundary (at each task boundary: `ewc_only`)
