@@ -43,11 +43,12 @@ def _train(argv: list[str]) -> int:
         cfg = load_config(argv)
     except ConfigError as exc:
         return _fail(str(exc))
+    from biollm_cls.benchmarks.errors import DataError
     from biollm_cls.train import RunError, run_training
 
     try:
         summary = run_training(cfg)
-    except (ConfigError, RunError) as exc:
+    except (ConfigError, DataError, RunError) as exc:
         return _fail(str(exc))
     print(json.dumps(summary["views"], indent=2))
     return 0

@@ -18,7 +18,7 @@ from biollm_cls.config.schema import RunConfig
 
 GROUP_PRESETS = {
     "train": ["continual_pilot_4070", "default", "mac_dev", "qwen_0_5b_12gb", "rtx4070"],
-    "benchmark": ["instruction", "ni8_pilot", "toy"],
+    "benchmark": ["instruction", "ni8_pilot", "synthetic8", "toy"],
     "model": ["hf_causal_lm", "tiny_transformer"],
     "ablation": ["er", "ewc_only", "full_cls", "joint", "no_ewc", "no_hippocampus", "no_refresh", "no_sleep",
                  "seq_ft"],
@@ -38,7 +38,7 @@ ABLATION_DIFF = {
                        "consolidation.pseudo_rehearsal": False},
     "seq_ft": {"ablation_name": "seq_ft", **BASELINE, "ewc.lambda_": 0.0},
     "er": {"ablation_name": "er", **BASELINE, "replay.wake_mix": 16, "ewc.lambda_": 0.0},
-    "ewc_only": {"ablation_name": "ewc_only", **BASELINE, "ewc.fisher_update": "boundary"},
+    "ewc_only": {"ablation_name": "ewc_only", **BASELINE, "ewc.fisher_update": "boundary", "ewc.lambda_": 100.0},
     "joint": {"ablation_name": "joint", **BASELINE, "benchmark.order": "joint", "ewc.lambda_": 0.0},
 }
 

@@ -273,6 +273,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("ewc.lambda_ must be >= 0 and ewc.fisher_decay in [0, 1]")
     if c.refresh.reset_factor < 0:
         raise ConfigError(f"consolidation.refresh.reset_factor={c.refresh.reset_factor} must be >= 0")
+    # A command-line override cannot carry a newline (Hydra keeps `\n` literal): read `\n` as a newline.
+    cfg.benchmark.prompt_template = cfg.benchmark.prompt_template.replace("\\n", "\n")
+    if "{prompt}" not in cfg.benchmark.prompt_template:
+        raise ConfigError("benchmark.prompt_template must contain {prompt}")
     planned = cfg.benchmark.num_tasks * cfg.benchmark.switch_every
     if cfg.train.max_steps not in (0, planned):
         raise ConfigError(
