@@ -75,6 +75,26 @@ class Learner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.neocortex.logits(hidden)
 
+    @contextlib.contextmanager
+    def frozen_base(self):
+        """Perf (no change in what is learned): stop autograd from tracking the base's weights for a while.
+
+        When sleep trains the base, its weights keep ``requires_grad=True``; a wake forward that trains only the
+        hippocampus would then record the lower layers (keeping their activations) and its backward would
+        compute, and accumulate into ``.grad``, a gradient for every base weight that no optimizer reads (sleep
+        and the Fisher zero ``.grad`` before their own backward). Inside this context the backward runs only
+        from the loss down to the injection point and computes activation gradients, not weight gradients, in
+        the upper layers: the hippocampus's gradients are the same. Set back on exit, also on error.
+        """
+        params = [p for p in self.neocortex.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
     def base_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.neocortex.parameters() if p.requires_grad]
 

@@ -15,6 +15,7 @@ With ``consolidation.wake_base_lr_scale > 0`` the same backward also updates the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,9 @@ def wake_step(learner: Learner, batch: Batch, cfg: RunConfig, ewc: OnlineEWC, st
     base_trains = base_lr > 0
     learner.neocortex.train(base_trains)  # a frozen base runs deterministically (no dropout)
     sup = batch.supervised  # (B, T)
-    with learner.precision.autocast():
+    # Perf: a base that does not learn in this step is not tracked by autograd (see Learner.frozen_base).
+    frozen = learner.frozen_base() if hip is not None and not base_trains else contextlib.nullcontext()
+    with frozen, learner.precision.autocast():
         hidden = learner.system_hidden(batch.input_ids, batch.attention_mask, track_stats=hip is not None)
         logits = learner.logits(hidden[sup]).float()  # (N, V)
     targets = batch.targets[sup]  # (N,)
