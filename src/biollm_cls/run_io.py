@@ -25,6 +25,15 @@ TASK_MATRIX_COLUMNS = ["boundary_index", "boundary_step", "view", "task_id", "ta
                        "n_tokens", "exact_match"]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class Mirror(Protocol):
     """Something that mirrors metrics rows elsewhere (W&B); failures must not raise."""
 
@@ -37,6 +46,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,32 +6,8 @@
 # `wandb sync results/<suite>/wandb/offline-run-*`. WANDB_MODE overrides wandb.mode; online without
 # an API key falls back to offline. See docs/wandb.md.
 
-DASHBOARD = f"{RESULTS}/dashboard.json"
-
-
-def wandb_setting(key, default=None):
-    """A key of the config's optional `wandb` section (absent section or key -> default)."""
-    value = (config.get("wandb") or {}).get(key)
-    return default if value is None else value
-
-
-def publish_targets():
-    """What `rule all` adds: the dashboard marker when `wandb.publish` is true, else nothing."""
-    return [DASHBOARD] if wandb_setting("publish", False) else []
-
-
-def publish_args():
-    """Arguments of publish-dashboard from the `wandb` section (they are the rule's params: a change reruns it)."""
-    args = [
-        "--suite", config["suite_name"],
-        "--project", wandb_setting("project", "biollm-cls"),
-        "--mode", wandb_setting("mode", "offline"),
-        "--baseline-a", wandb_setting("baseline_a", "full_cls"),
-        "--baseline-b", wandb_setting("baseline_b", "no_sleep"),
-    ]
-    if wandb_setting("entity"):
-        args += ["--entity", wandb_setting("entity")]
-    return args
+# DASHBOARD, wandb_setting(), publish_targets() and publish_args() live in common.smk (`snakemake --lint`:
+# no functions next to rules).
 
 
 localrules:
@@ -45,8 +21,8 @@ rule publish_dashboard:
     output:
         DASHBOARD,
     params:
-        tables_dir=TABLES_DIR,
-        plots_dir=PLOTS_DIR,
+        tables_dir=lambda wildcards, input: os.path.dirname(input.tables[0]),
+        plots_dir=lambda wildcards, input: os.path.dirname(input.plots[0]),
         args=publish_args(),
     log:
         f"{LOGS}/publish_dashboard.log",
