@@ -249,7 +249,8 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
 
     # -- wake (fills the replay with real episodes)
     replay = ReservoirReplay(cfg.replay.capacity, cfg.seed + 1)
-    ewc = OnlineEWC(cfg.ewc.lambda_, cfg.ewc.fisher_decay)
+    ewc = OnlineEWC(cfg.ewc.lambda_, cfg.ewc.fisher_decay,
+                    torch.bfloat16 if cfg.ewc.fisher_dtype == "bf16" else torch.float32)
     wake_batches = random_batches(max(args.wake_fill, 8), B, T, V, device, seed=2)
     step = [0]
 
@@ -284,8 +285,9 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
     ewc.consolidate(neo, [fisher_batch], learner.base_hidden, learner.logits, ac, generator)
     timer.sync()
     res["ewc_consolidate_s"] = time.perf_counter() - t0
-    if args.fisher_bf16:  # what-if: a bf16 Fisher (not the library default)
+    if args.fisher_bf16:  # what-if: a bf16 Fisher (now also `--override ewc.fisher_dtype=bf16`)
         ewc.fisher = {k: v.bfloat16() for k, v in ewc.fisher.items()}
+    res["ewc_sparse_rows"] = {k: int(v.numel()) for k, v in ewc.rows.items()}
     res["ewc_state_gb"] = sum(t.numel() * t.element_size() for d in (ewc.fisher, ewc.anchor) for t in d.values()) / GB
     res["ewc_active"] = ewc.active
 
@@ -298,9 +300,34 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
     cfg.consolidation.pseudo_rehearsal = False
     res["sleep"] = timer.run(sleep, "sleep")
     res["sleep"]["rows"] = sleep.rows
+    # With pseudo-rehearsal, sleep_cycle makes the pseudo examples of a whole cycle and their teacher up
+    # front (PseudoPool); a step takes its slice. Per-step cost = the step + the pool's cost / cycle length.
+    from biollm_cls.sleep import prepare_pseudo_pool
+
     cfg.consolidation.pseudo_rehearsal = True
-    res["sleep_pseudo"] = timer.run(sleep, "sleep_pseudo")
-    res["sleep_pseudo"]["rows"] = sleep.rows
+    cycle = args.sleep_cycle
+    prepare_pseudo_pool(learner, replay, cfg, cycle, 0, V, generator)  # warm-up
+    pool_times = []
+    for _ in range(3):
+        timer.sync()
+        t0 = time.perf_counter()
+        pool = prepare_pseudo_pool(learner, replay, cfg, cycle, 0, V, generator)
+        timer.sync()
+        pool_times.append(time.perf_counter() - t0)
+
+    def sleep_pseudo(i):
+        k = i % cycle
+        batch, tv, ti, n_replay, n_pseudo = build_sleep_batch(learner, replay, cfg, 0, V, generator,
+                                                              (pool.batches[k], pool.values[k], pool.ids[k]))
+        sleep_step(learner, batch, tv, ti, n_replay, cfg, ewc)
+        sleep_pseudo.rows = len(batch)
+
+    res["sleep_pseudo"] = timer.run(sleep_pseudo, "sleep_pseudo")
+    res["sleep_pseudo"]["rows"] = sleep_pseudo.rows
+    res["sleep_pseudo"]["step_median_s"] = res["sleep_pseudo"]["median_s"]
+    res["sleep_pseudo"]["pool_s_per_cycle"] = statistics.median(pool_times)
+    res["sleep_pseudo"]["cycle"] = cycle
+    res["sleep_pseudo"]["median_s"] += statistics.median(pool_times) / cycle
     learner.base_optimizer.zero_grad(set_to_none=True)
 
     # -- refresh of all experts
@@ -367,7 +394,11 @@ STAGE_NOTES = {
     "s0_baseline": "the library before this work (commit 04531b2 plus the concurrent edits present when the "
                    "snapshot was taken): wake back-propagates into every base weight, the EWC penalty is a Python "
                    "loop of 4 kernels per parameter, sleep frees the old gradients only after its forward",
-    "s1_final": "the library as delivered: `Learner.frozen_base` in wake, `zero_grad` before the sleep forward, "
+    "final2": "the library as delivered (after `s1_final`): pseudo-rehearsal teachers for a whole sleep cycle made "
+              "up front in one batched pass (`PseudoPool`, amortised over `--sleep-cycle` 10 steps), EWC state "
+              "row-sparse for large matrices (exact: rows whose Fisher is 0 are not stored) and the Fisher in "
+              "bf16 (`ewc.fisher_dtype=bf16`, as in the Qwen presets; the anchor stays fp32)",
+    "s1_final": "the first optimised library: `Learner.frozen_base` in wake, `zero_grad` before the sleep forward, "
                 "EWC penalty and Fisher accumulation as `torch._foreach_*` passes",
     "s1_final_fused": "what-if, **not** the default: the same library with both AdamW optimizers built "
                       "`fused=True` (a `build_learner` change in train.py)",
@@ -503,6 +534,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=16384, help="model.vocab_size (active vocabulary)")
     ap.add_argument("--wake-fill", type=int, default=16, help="wake batches in the replay before sleep/refresh")
     ap.add_argument("--fisher-samples", type=int, default=16)
+    ap.add_argument("--sleep-cycle", type=int, default=10,
+                    help="sleep steps per cycle over which the pseudo-teacher pool is amortised")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model-dir", default=None, help="reuse/save the random model here (default: a temp dir)")
     ap.add_argument("--tiny", action="store_true", help="small model (CPU smoke test of this script)")

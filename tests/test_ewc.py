@@ -176,3 +176,50 @@ def test_state_dict_round_trip():
     with torch.no_grad():
         model.theta.add_(1.0)
     assert other.penalty(model).item() == pytest.approx(ewc.penalty(model).item()) == pytest.approx(0.25)
+
+
+class _BigEmbeddingLM(torch.nn.Module):
+    """An embedding of 2^20 weights (row-sparse storage applies) and a small head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(4096, 256)
+        self.head = torch.nn.Linear(256, 7)
+
+    def hidden(self, ids, mask):
+        return self.emb(ids)
+
+    def logits(self, h):
+        return self.head(h)
+
+
+def test_row_sparse_storage_is_exact_for_rows_that_were_never_used():
+    from contextlib import nullcontext
+
+    from biollm_cls.benchmarks.base import Batch
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 12, (3, 5))  # only 12 of 4096 embedding rows get a gradient
+    batch = Batch(ids, torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.bool), torch.zeros(3))
+    states = []
+    for sparse_min in (OnlineEWC._SPARSE_MIN, 1 << 40):  # row-sparse, and forced dense
+        torch.manual_seed(0)
+        model = _BigEmbeddingLM()
+        ewc = OnlineEWC(lambda_=3.0, decay=0.5)
+        ewc._SPARSE_MIN = sparse_min
+        for _ in range(2):  # two consolidations: the decay merge goes through the sparse path too
+            ewc.consolidate(model, [batch], model.hidden, model.logits, nullcontext,
+                            torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            model.emb.weight.add_(0.01)
+            model.head.weight.add_(0.01)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        ewc.add_penalty_grad(model)
+        states.append((ewc, model))
+    (sparse, m_sparse), (dense, m_dense) = states
+    assert "emb.weight" in sparse.rows and sparse.fisher["emb.weight"].shape[0] <= 12
+    assert "emb.weight" not in dense.rows
+    assert torch.allclose(sparse.penalty(m_sparse), dense.penalty(m_dense), rtol=1e-6)
+    assert torch.equal(m_sparse.emb.weight.grad, m_dense.emb.weight.grad)
+    assert torch.equal(m_sparse.head.weight.grad, m_dense.head.weight.grad)

@@ -127,28 +127,79 @@ def concat_batches(a: Batch, b: Batch, pad_id: int) -> Batch:
     return _concat(a, b, pad_id)
 
 
+def _pseudo_inputs(replay: ReservoirReplay, replay_count: int, cfg: RunConfig, length: int, pad_id: int,
+                   vocab_size: int, generator: torch.Generator) -> Batch | None:
+    """The pseudo examples that go with a replay batch of `replay_count` rows (CPU), or None."""
+    n_echo, n_rand = pseudo_counts(replay_count, cfg)
+    parts = []
+    if n_echo:
+        parts.append(collate(replay.sample(n_echo), pad_id))
+    if n_rand:
+        parts.append(random_prompts(n_rand, length, vocab_size, pad_id, generator))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else _concat(*parts, pad_id)
+
+
+@dataclass
+class PseudoPool:
+    """Every pseudo example of one sleep cycle with its teacher, made in a few batched passes up front.
+
+    The teacher is the system as it stands when the cycle begins (a fixed target, like the stored replay
+    teachers) rather than re-running the system at every step: one large teacher pass instead of one small
+    pass per step, which on a GPU costs about as much as a single small pass.
+    """
+
+    batches: list[Batch]
+    values: list[torch.Tensor]
+    ids: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def prepare_pseudo_pool(learner: Learner, replay: ReservoirReplay, cfg: RunConfig, steps: int, pad_id: int,
+                        vocab_size: int, generator: torch.Generator, chunk_rows: int = 256) -> PseudoPool | None:
+    replay_count = min(cfg.replay.batch_size, len(replay))
+    per_step = [_pseudo_inputs(replay, replay_count, cfg, cfg.model.seq_len, pad_id, vocab_size, generator)
+                for _ in range(steps)]
+    if not per_step or per_step[0] is None:
+        return None
+    batches = [b.to(learner.device) for b in per_step]
+    values, ids = [], []
+    for start in range(0, len(batches), max(1, chunk_rows // len(batches[0]))):
+        group = batches[start : start + max(1, chunk_rows // len(batches[0]))]
+        merged = group[0]
+        for b in group[1:]:
+            merged = _concat(merged, b, pad_id)
+        v, i = system_topk(learner, merged, cfg.replay.teacher_topk)  # row-major over supervised positions
+        sizes = [int(b.supervised.sum()) for b in group]
+        values += list(v.split(sizes))
+        ids += list(i.split(sizes))
+    return PseudoPool(batches, values, ids)
+
+
 def build_sleep_batch(learner: Learner, replay: ReservoirReplay, cfg: RunConfig, pad_id: int, vocab_size: int,
-                      generator: torch.Generator):
-    """One sleep mini-batch on the device: (batch, teacher values, teacher ids, n_replay_rows, n_pseudo)."""
+                      generator: torch.Generator, pseudo: tuple[Batch, torch.Tensor, torch.Tensor] | None = None):
+    """One sleep mini-batch on the device: (batch, teacher values, teacher ids, n_replay_rows, n_pseudo).
+
+    `pseudo` is this step's share of a `PseudoPool`; without it (and with pseudo-rehearsal on) the pseudo
+    examples and their teacher (the current system) are made here."""
     episodes = replay.sample(cfg.replay.batch_size)
     batch = collate(episodes, pad_id).to(learner.device)
     values, ids = _teacher(learner, episodes, batch, cfg)
-    n_echo, n_rand = pseudo_counts(len(episodes), cfg)
-    pseudo_parts = []
-    if n_echo:
-        pseudo_parts.append(collate(replay.sample(n_echo), pad_id))
-    if n_rand:
-        pseudo_parts.append(random_prompts(n_rand, batch.input_ids.shape[1], vocab_size, pad_id, generator))
-    if not pseudo_parts:
-        return batch, values, ids, len(episodes), 0
-    pseudo = pseudo_parts[0] if len(pseudo_parts) == 1 else _concat(*pseudo_parts, pad_id)
-    pseudo = pseudo.to(learner.device)
-    p_values, p_ids = system_topk(learner, pseudo, cfg.replay.teacher_topk)
+    if pseudo is None:
+        inputs = _pseudo_inputs(replay, len(episodes), cfg, batch.input_ids.shape[1], pad_id, vocab_size, generator)
+        if inputs is None:
+            return batch, values, ids, len(episodes), 0
+        inputs = inputs.to(learner.device)
+        pseudo = (inputs, *system_topk(learner, inputs, cfg.replay.teacher_topk))
+    p_batch, p_values, p_ids = pseudo
     # Row order inside one batch does not change a full-batch gradient, so replay rows stay first
     # (their stored teacher rows line up with the supervised positions in row-major order).
-    mixed = _concat(batch, pseudo, pad_id)
+    mixed = _concat(batch, p_batch, pad_id)
     return mixed, torch.cat([values, p_values.to(values.dtype)]), torch.cat([ids, p_ids.to(ids.dtype)]), \
-        len(episodes), len(pseudo)
+        len(episodes), len(p_batch)
 
 
 def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: torch.Tensor, n_replay: int,
@@ -204,9 +255,11 @@ def sleep_cycle(learner: Learner, replay: ReservoirReplay, ewc: OnlineEWC, steps
     report.distill_kl_before = probe_kl(learner, probe, pad_id, cfg)
     sums = torch.zeros(3, device=learner.device)  # distill, target CE, loss
     pseudo_total = replay_total = 0
-    for _ in range(steps):
+    pool = prepare_pseudo_pool(learner, replay, cfg, steps, pad_id, vocab_size, generator)
+    for step in range(steps):
+        pseudo = (pool.batches[step], pool.values[step], pool.ids[step]) if pool is not None else None
         batch, t_values, t_ids, n_replay, n_pseudo = build_sleep_batch(learner, replay, cfg, pad_id, vocab_size,
-                                                                       generator)
+                                                                       generator, pseudo)
         distill, target_ce, applied = sleep_step(learner, batch, t_values, t_ids, n_replay, cfg, ewc)
         if not applied:
             report.skipped_steps += 1

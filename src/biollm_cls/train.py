@@ -153,7 +153,8 @@ def build_run(cfg: RunConfig) -> Run:
     run = Run(
         cfg=cfg, run_dir=run_dir, stream=stream, learner=learner,
         replay=ReservoirReplay(cfg.replay.capacity, cfg.seed + 1) if needs_replay else None,
-        ewc=OnlineEWC(cfg.ewc.lambda_, cfg.ewc.fisher_decay),
+        ewc=OnlineEWC(cfg.ewc.lambda_, cfg.ewc.fisher_decay,
+                      torch.bfloat16 if cfg.ewc.fisher_dtype == "bf16" else torch.float32),
         scheduler=SleepScheduler(cfg.scheduler, cfg.consolidation), generator=generator,
         matrices={v: ContinualMatrix(cfg.benchmark.num_tasks) for v in VIEWS}, state=RunState(),
     )

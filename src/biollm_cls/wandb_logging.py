@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from biollm_cls import metric_glossary as glossary
+from biollm_cls.config import flatten as flatten_config
 from biollm_cls.config.schema import RunConfig
 
 _LOG = logging.getLogger(__name__)
@@ -221,15 +222,8 @@ def undocumented_numeric_keys(row: Mapping[str, Any]) -> list[str]:
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"views": {"system": {"x": 1}}}`` -> ``{"views/system/x": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}/"))
-        else:
-            flat[name] = value
-    return flat
+    """``{"views": {"system": {"x": 1}}}`` -> ``{"views/system/x": 1}`` (W&B's separator)."""
+    return flatten_config(tree, prefix, sep="/")
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_hf_configs import tiny_configs
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
-    GPT2Config,
-    GPTNeoXConfig,
-    LlamaConfig,
-    OPTConfig,
-    Qwen2Config,
 )
 
 from biollm_cls.config.schema import ConfigError, ExpertsConfig, ModelConfig
@@ -32,19 +28,7 @@ from biollm_cls.neocortex.hf import HFNeocortex, hf_split_layer_path, split_poin
 
 V, H, L = 128, 32, 4
 CPU = torch.device("cpu")
-_TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-_LLAMA_LIKE = {"num_hidden_layers": L, "hidden_size": H, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "intermediate_size": 64, "vocab_size": V, "max_position_embeddings": 64, **_TOKENS}
-CONFIGS: dict[str, Callable[[], object]] = {
-    "gpt2": lambda: GPT2Config(n_layer=L, n_embd=H, n_head=2, vocab_size=V, n_positions=64, resid_pdrop=0.0,
-                               embd_pdrop=0.0, attn_pdrop=0.0, **_TOKENS),
-    "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
-    "qwen2": lambda: Qwen2Config(**_LLAMA_LIKE),
-    "gpt_neox": lambda: GPTNeoXConfig(num_hidden_layers=L, hidden_size=H, num_attention_heads=4, intermediate_size=64,
-                                      vocab_size=V, max_position_embeddings=64, **_TOKENS),
-    "opt": lambda: OPTConfig(num_hidden_layers=L, hidden_size=H, num_attention_heads=4, ffn_dim=64, vocab_size=V,
-                             max_position_embeddings=64, word_embed_proj_dim=H, dropout=0.0, **_TOKENS),
-}
+CONFIGS = tiny_configs(V, H, L)
 ARCHS = list(CONFIGS)
 EXPECTED_PATH = {"gpt2": "transformer.h", "llama": "model.layers", "qwen2": "model.layers",
                  "gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers"}

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config
+from tiny_hf_configs import tiny_configs
+from transformers import AutoModelForCausalLM
 
 from biollm_cls.benchmarks.toy import ToyStream
 from biollm_cls.config import load_config
@@ -30,20 +30,7 @@ from biollm_cls.wake import wake_step
 V_MODEL, H, L = 96, 32, 4  # the saved models; runs cap the active vocabulary at V below
 V, T, B = 40, 8, 4
 CPU = torch.device("cpu")
-_TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-_LLAMA_LIKE = {"num_hidden_layers": L, "hidden_size": H, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "intermediate_size": 64, "vocab_size": V_MODEL, "max_position_embeddings": 64, **_TOKENS}
-CONFIGS: dict[str, Callable[[], object]] = {
-    "gpt2": lambda: GPT2Config(n_layer=L, n_embd=H, n_head=2, vocab_size=V_MODEL, n_positions=64, resid_pdrop=0.0,
-                               embd_pdrop=0.0, attn_pdrop=0.0, **_TOKENS),
-    "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
-    "qwen2": lambda: Qwen2Config(**_LLAMA_LIKE),
-    "gpt_neox": lambda: GPTNeoXConfig(num_hidden_layers=L, hidden_size=H, num_attention_heads=4, intermediate_size=64,
-                                      vocab_size=V_MODEL, max_position_embeddings=64, **_TOKENS),
-    "opt": lambda: OPTConfig(num_hidden_layers=L, hidden_size=H, num_attention_heads=4, ffn_dim=64,
-                             vocab_size=V_MODEL, max_position_embeddings=64, word_embed_proj_dim=H, dropout=0.0,
-                             **_TOKENS),
-}
+CONFIGS = tiny_configs(V_MODEL, H, L)
 ARCHS = list(CONFIGS)
 
 

@@ -122,6 +122,7 @@ class EWCConfig:
     fisher_decay: float = 0.9  # online EWC: F <- decay * F + F_new, once per consolidation
     fisher_samples: int = 64  # sequences used to estimate the Fisher
     fisher_update: str = "sleep"  # sleep (after each sleep) | boundary (at each task boundary: `ewc_only`)
+    fisher_dtype: str = "fp32"  # fp32 | bf16 (half the Fisher's memory; the anchor stays fp32)
 
 
 @dataclass
@@ -212,6 +213,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "replay.teacher": ("stored_topk", "recompute"),
     "consolidation.pseudo_source": ("mixed", "replay_echo", "random_tokens"),
     "ewc.fisher_update": ("sleep", "boundary"),
+    "ewc.fisher_dtype": ("fp32", "bf16"),
     "train.amp_dtype": ("bf16", "fp16"),
     "train.matmul_precision": ("highest", "high", "medium"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
