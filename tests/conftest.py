@@ -51,3 +51,14 @@ def make_learner() -> Callable[[RunConfig], Learner]:
         return build_learner(cfg, torch.device("cpu"))
 
     return make
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """W&B tests: wandb's own state (cache, config, artifact staging) in tmp; no mode or key from the outside."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")

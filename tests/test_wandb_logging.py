@@ -32,15 +32,6 @@ from biollm_cls.wandb_offline import read_finished_run, run_files
 MARKER = "MARKERKEY-0123456789abcdef0123456789abcdef"
 
 
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    """wandb's own state (cache, config, artifact staging) in tmp; no mode or key from the outside."""
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
 
 
 def make_cfg(run_dir: Path, **logging_overrides) -> RunConfig:

@@ -15,17 +15,6 @@ from biollm_cls.wandb_offline import read_finished_run, run_files
 
 
 @pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    """wandb's own state (cache, config, artifact staging) in tmp; no mode or key from the outside."""
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-
-
-@pytest.fixture
 def suite(tmp_path, make_run):
     """Merged tables of full_cls and no_sleep x 3 seeds (one null final BWT), a failed run, two figures."""
     dirs = [make_run(a, s, null_final_bwt=(a == "no_sleep" and s == 7))
