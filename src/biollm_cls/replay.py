@@ -67,15 +67,23 @@ class ReservoirReplay:
 
     def sample_by_expert(self, expert: int, n: int) -> list[Episode]:
         """Up to n episodes that were routed to `expert` (vectorised membership test)."""
-        if expert < 0:
+        table = self._expert_table()
+        if table is None:
             return []
-        return self.sample_per_expert(expert + 1, n)[expert]
+        idx = (table == expert).any(1).nonzero().flatten().tolist()
+        return [self.episodes[i] for i in self.rng.sample(idx, min(n, len(idx)))]
+
+    def _expert_table(self) -> torch.Tensor | None:
+        """[N,k] expert ids of every episode (None without a hippocampus)."""
+        if not self.episodes or self.episodes[0].expert_ids.numel() == 0:
+            return None
+        return torch.stack([e.expert_ids for e in self.episodes])
 
     def sample_per_expert(self, num_experts: int, n: int) -> list[list[Episode]]:
         """For every expert, up to n episodes routed to it (one membership table for all experts)."""
-        if not self.episodes or self.episodes[0].expert_ids.numel() == 0:
+        table = self._expert_table()  # (N, k)
+        if table is None:
             return [[] for _ in range(num_experts)]
-        table = torch.stack([e.expert_ids for e in self.episodes])  # (N, k)
         out = []
         for expert in range(num_experts):
             idx = (table == expert).any(1).nonzero().flatten().tolist()

@@ -108,7 +108,8 @@ def _teacher(learner: Learner, episodes: list[Episode], batch: Batch, cfg: RunCo
     return system_topk(learner, batch, cfg.replay.teacher_topk)
 
 
-def _concat(a: Batch, b: Batch, pad_id: int) -> Batch:
+def concat_batches(a: Batch, b: Batch, pad_id: int) -> Batch:
+    """Stack two batches row-wise, right-padding to the longer one."""
     T = max(a.input_ids.shape[1], b.input_ids.shape[1])
 
     def pad(x: torch.Tensor, value) -> torch.Tensor:
@@ -122,11 +123,6 @@ def _concat(a: Batch, b: Batch, pad_id: int) -> Batch:
     )
 
 
-def concat_batches(a: Batch, b: Batch, pad_id: int) -> Batch:
-    """Stack two batches row-wise, right-padding to the longer one."""
-    return _concat(a, b, pad_id)
-
-
 def _pseudo_inputs(replay: ReservoirReplay, replay_count: int, cfg: RunConfig, length: int, pad_id: int,
                    vocab_size: int, generator: torch.Generator) -> Batch | None:
     """The pseudo examples that go with a replay batch of `replay_count` rows (CPU), or None."""
@@ -138,7 +134,7 @@ def _pseudo_inputs(replay: ReservoirReplay, replay_count: int, cfg: RunConfig, l
         parts.append(random_prompts(n_rand, length, vocab_size, pad_id, generator))
     if not parts:
         return None
-    return parts[0] if len(parts) == 1 else _concat(*parts, pad_id)
+    return parts[0] if len(parts) == 1 else concat_batches(*parts, pad_id)
 
 
 @dataclass
@@ -171,7 +167,7 @@ def prepare_pseudo_pool(learner: Learner, replay: ReservoirReplay, cfg: RunConfi
         group = batches[start : start + max(1, chunk_rows // len(batches[0]))]
         merged = group[0]
         for b in group[1:]:
-            merged = _concat(merged, b, pad_id)
+            merged = concat_batches(merged, b, pad_id)
         v, i = system_topk(learner, merged, cfg.replay.teacher_topk)  # row-major over supervised positions
         sizes = [int(b.supervised.sum()) for b in group]
         values += list(v.split(sizes))
@@ -197,7 +193,7 @@ def build_sleep_batch(learner: Learner, replay: ReservoirReplay, cfg: RunConfig,
     p_batch, p_values, p_ids = pseudo
     # Row order inside one batch does not change a full-batch gradient, so replay rows stay first
     # (their stored teacher rows line up with the supervised positions in row-major order).
-    mixed = _concat(batch, p_batch, pad_id)
+    mixed = concat_batches(batch, p_batch, pad_id)
     return mixed, torch.cat([values, p_values.to(values.dtype)]), torch.cat([ids, p_ids.to(ids.dtype)]), \
         len(episodes), len(p_batch)
 

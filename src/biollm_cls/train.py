@@ -14,6 +14,7 @@ command on the same output directory resumes from the last checkpoint.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from biollm_cls.device import configure_precision, device_facts, resolve_device,
 from biollm_cls.evaluation import TaskScore, evaluate_seen
 from biollm_cls.ewc import OnlineEWC
 from biollm_cls.hippocampus import Hippocampus
-from biollm_cls.learner import Learner, Precision
+from biollm_cls.learner import Learner, Precision, per_row_mean, supervised_rows
 from biollm_cls.metric_glossary import write_glossary
 from biollm_cls.neocortex import build_neocortex
 from biollm_cls.refresh import RefreshReport, refresh_experts
@@ -262,8 +263,6 @@ def forgetting_probe(run: Run, task: int) -> tuple[float, float]:
     learner.neocortex.eval()
     with learner.precision.autocast():
         logits = learner.logits(learner.system_hidden(batch.input_ids, batch.attention_mask)[batch.supervised])
-    from biollm_cls.learner import per_row_mean, supervised_rows
-
     token = torch.nn.functional.cross_entropy(logits.float(), batch.targets[batch.supervised], reduction="none")
     now_loss = per_row_mean(token, supervised_rows(batch.supervised), len(episodes)).cpu()
     then = torch.tensor([e.wake_loss for e in episodes])
@@ -400,11 +399,7 @@ def _run_files(run: Run) -> dict[str, Path]:
 
 def _metadata(run: Run, status: str, timing: dict | None = None) -> dict:
     path = run.run_dir / "run_metadata.json"
-    previous = {}
-    if path.exists():
-        import json
-
-        previous = json.loads(path.read_text())
+    previous = json.loads(path.read_text()) if path.exists() else {}
     meta = {
         "status": status, "seed": run.cfg.seed, "ablation": run.cfg.ablation_name,
         "library": {"version": versions()["biollm_cls"], **library_commit()}, "versions": versions(),
@@ -439,8 +434,6 @@ def _save(run: Run) -> None:
 
 
 def _resume(run: Run, path: Path) -> None:
-    import json
-
     saved_cfg = json.loads((run.run_dir / "validated_config.json").read_text())
     current = json.loads(json.dumps(to_dict(run.cfg)))
     if saved_cfg != current:
