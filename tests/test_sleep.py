@@ -202,3 +202,31 @@ def test_sleep_cycle_without_replay_or_steps_does_nothing(awake):
                          torch.Generator())
     assert report.pseudo_source_mode == "off" and report.pseudo_batch_size == 0.0
     assert report.fisher_source_mode == "none"  # lambda 0: no Fisher
+
+
+@pytest.mark.parametrize("hippocampal_replay", [False, True])
+def test_hippocampal_replay_switch(awake, hippocampal_replay):
+    """Sleep trains only the base unless consolidation.hippocampal_replay is on; then the hippocampus also
+    relearns the sleep batches, and its loss against the replay teachers goes down."""
+    from biollm_cls.sleep import build_sleep_batch, hippocampal_replay_step
+
+    cfg, learner, stream, replay, ewc = awake
+    cfg.consolidation.hippocampal_replay = hippocampal_replay
+    weights = lambda: {n: p.detach().clone() for n, p in learner.hippocampus.named_parameters()}  # noqa: E731
+    before = weights()
+    sleep_cycle(learner, replay, ewc, 3, cfg, stream.pad_id, stream.vocab_size, torch.Generator().manual_seed(0))
+    changed = any(not torch.equal(before[n], p) for n, p in learner.hippocampus.named_parameters())
+    assert changed == hippocampal_replay
+    if hippocampal_replay:
+        gen = torch.Generator().manual_seed(1)
+        batch, tv, ti, n_replay, _ = build_sleep_batch(learner, replay, cfg, stream.pad_id, stream.vocab_size, gen)
+
+        def system_kl():
+            with torch.no_grad():
+                h = learner.system_hidden(batch.input_ids, batch.attention_mask)
+                return float(topk_kl(learner.logits(h[batch.supervised]), tv, ti).mean())
+
+        first = system_kl()
+        for _ in range(5):
+            assert hippocampal_replay_step(learner, batch, tv, ti, n_replay, cfg)
+        assert system_kl() < first

@@ -163,3 +163,4 @@ def test_every_ablation_runs(tmp_path, ablation):
 def test_seq_ft_forgets(tmp_path):
     summary, _ = _run(tmp_path, "seq_ft", "ablation=seq_ft")
     assert summary["views"]["base"]["final_forgetting"] > 0.5
+

@@ -225,6 +225,37 @@ def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: to
     return distill.detach(), target_ce.detach(), True
 
 
+def hippocampal_replay_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: torch.Tensor,
+                            n_replay: int, cfg: RunConfig) -> bool:
+    """Optional (``consolidation.hippocampal_replay``): after the base update, the hippocampus relearns the
+    same replayed episodes on top of the consolidated base (system -> teacher, the wake loss on replay).
+
+    Where the base now predicts an episode's teacher by itself, the best delta there is ~0, so the
+    hippocampus learns to stop overriding consolidated tasks; where it does not, the hippocampus keeps it.
+    Without it, the delta learned for the newest task is added to every sequence and the deployed system
+    forgets what the base has kept. Costs one wake-like step (frozen base) per sleep step."""
+    hip = learner.hippocampus
+    sup = batch.supervised
+    with learner.frozen_base():
+        learner.neocortex.eval()
+        with learner.precision.autocast():
+            logits = learner.logits(learner.system_hidden(batch.input_ids, batch.attention_mask)[sup]).float()
+        loss = topk_kl(logits, t_values, t_ids, cfg.consolidation.distill_temperature).mean()
+        if cfg.consolidation.target_ce_weight > 0:
+            n_tokens = int(sup[:n_replay].sum())
+            loss = loss + cfg.consolidation.target_ce_weight * F.cross_entropy(logits[:n_tokens],
+                                                                               batch.targets[sup][:n_tokens])
+        if not torch.isfinite(loss):
+            return False
+        learner.fast_optimizer.zero_grad(set_to_none=True)
+        learner.backward(loss)
+        learner.step_optimizer(learner.fast_optimizer, list(hip.parameters()), cfg.experts.fast_lr,
+                               cfg.train.grad_clip)
+        learner.end_update()
+    hip.update_drift()
+    return True
+
+
 @torch.no_grad()
 def probe_kl(learner: Learner, episodes: list[Episode], pad_id: int, cfg: RunConfig) -> float:
     """Mean per-token KL(teacher || base) on a fixed set of replay episodes, eval mode."""
@@ -257,6 +288,8 @@ def sleep_cycle(learner: Learner, replay: ReservoirReplay, ewc: OnlineEWC, steps
         batch, t_values, t_ids, n_replay, n_pseudo = build_sleep_batch(learner, replay, cfg, pad_id, vocab_size,
                                                                        generator, pseudo)
         distill, target_ce, applied = sleep_step(learner, batch, t_values, t_ids, n_replay, cfg, ewc)
+        if applied and cfg.consolidation.hippocampal_replay and learner.hippocampus is not None:
+            hippocampal_replay_step(learner, batch, t_values, t_ids, n_replay, cfg)
         if not applied:
             report.skipped_steps += 1
             continue

@@ -113,6 +113,7 @@ class ConsolidationConfig:
     fisher_use_capability_mix: bool = True
     target_ce_weight: float = 0.0  # weight of CE on the stored ground-truth targets during sleep
     distill_temperature: float = 1.0
+    hippocampal_replay: bool = False  # the hippocampus also relearns each sleep batch on the consolidated base
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
 
 
