@@ -99,6 +99,8 @@ def run_training(cfg: RunConfig) -> dict:
     bar = tqdm(total=total, initial=run.state.step, desc="wake", dynamic_ncols=True,
                disable=None if cfg.train.progress else True)
     started = time.perf_counter() - run.state.wall_time_s
+    if run.state.step == 0:  # the neocortex split facts (hf_injection_*), once, at step 0
+        log.log({"kind": "runtime", "step": 0, **run.learner.neocortex.runtime_info()})
     try:
         for step in range(run.state.step + 1, total + 1):
             task = task_at(step, cfg.benchmark.switch_every)

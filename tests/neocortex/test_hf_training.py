@@ -173,6 +173,9 @@ def test_run_training_on_toy_records_the_split(model_dirs, tmp_path):
     assert neo["hf_injection_fraction"] == 0.5
     assert neo["hf_vocab_size"] == V
     assert (out / "summary.json").exists()
+    first = json.loads((out / "metrics.jsonl").open().readline())  # logged at step 0 as well
+    assert first["kind"] == "runtime" and first["step"] == 0
+    assert first["hf_injection_mode"] == "decoder_split" and first["hf_injection_layer_idx"] == 1
 
 
 @pytest.mark.parametrize(("arch", "checkpointing"), [("llama", False), ("gpt2", False), ("qwen2", True)])
