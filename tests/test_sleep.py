@@ -84,11 +84,43 @@ def test_topk_kl_is_per_token():
     one = topk_kl(student, top.values, top.indices)
     two = topk_kl(torch.cat([student, student]), torch.cat([top.values] * 2), torch.cat([top.indices] * 2))
     assert two.mean().item() == pytest.approx(one.mean().item(), rel=1e-6)  # doubling T: same mean
-    # top-k teacher: p_T renormalised over its k ids, p_S the student's full softmax at those ids
-    pt = torch.softmax(top.values, -1)
-    ps = torch.log_softmax(student, -1).gather(1, top.indices)
-    assert torch.allclose(one, (pt * (pt.log() - ps)).sum(-1), atol=1e-6)
-    assert (one >= 0).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_topk_kl_is_minimised_at_the_teacher(k):
+    """A student equal to the teacher pays nothing and feels no gradient; descent from it stays there; any
+    other student pays more. (The old loss kept the student's full softmax: 1.53 nats at k=8 for student =
+    teacher, and its descent moved the student away from the teacher.)"""
+    g = torch.Generator().manual_seed(2)
+    teacher = torch.randn(4, 20, generator=g) * 3  # V=20 > k
+    top = teacher.topk(k, dim=-1)
+    student = teacher.clone().requires_grad_(True)
+    loss = topk_kl(student, top.values, top.indices).mean()
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert student.grad.abs().max().item() < 1e-6
+    for _ in range(5):
+        other = teacher + torch.randn(4, 20, generator=g)
+        assert (topk_kl(other, top.values, top.indices) >= -1e-6).all()
+        if k > 1:
+            assert topk_kl(other, top.values, top.indices).mean() > 1e-4
+
+
+def test_topk_kl_descent_moves_the_student_towards_the_teacher():
+    g = torch.Generator().manual_seed(3)
+    teacher = torch.randn(3, 20, generator=g) * 2
+    top = teacher.topk(8, dim=-1)
+    student = torch.randn(3, 20, generator=g).requires_grad_(True)
+    opt = torch.optim.SGD([student], lr=1.0)
+    first = topk_kl(student, top.values, top.indices).mean().item()
+    for _ in range(200):
+        opt.zero_grad()
+        topk_kl(student, top.values, top.indices).mean().backward()
+        opt.step()
+    assert topk_kl(student, top.values, top.indices).mean().item() < 0.01 * first
+    # the student's distribution over the teacher's ids approaches the teacher's
+    ps = torch.softmax(student.detach().gather(1, top.indices), -1)
+    assert torch.allclose(ps, torch.softmax(top.values, -1), atol=0.02)
 
 
 # ---- a learnable toy setup -----------------------------------------------------------------------------
@@ -127,6 +159,7 @@ def test_sleep_step_lowers_the_distillation_kl(awake):
     cfg, learner, stream, replay, ewc = awake
     batch = collate(replay.sample(8), stream.pad_id)
     values, ids = system_topk(learner, batch, cfg.replay.teacher_topk)
+    cfg.consolidation.slow_lr = 1e-3  # Adam's first steps at the fixture's 1e-2 overshoot a KL this small
     kls = []
     for _ in range(5):
         kl, ce, applied = sleep_step(learner, batch, values, ids, len(batch), cfg, ewc)

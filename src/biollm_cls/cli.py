@@ -7,16 +7,22 @@ Commands:
   build-pack ...                                    build a data pack (NI8, local NI tasks, JSONL, synthetic)
   pretrain ...                                      pretrain the tiny neocortex on a pack's pretrain.jsonl
   run-metrics / merge / plots ...                   suite tables and figures (used by the Snakemake pipeline)
+  write-results --suite DIR ... --output FILE       docs/results.md: every ablation paired per seed vs a reference
   publish-dashboard ...                             publish a suite's CSVs and plots to one W&B analysis run
 
-Usage errors print one line and exit with code 2.
+Usage errors, bad configs, bad data and refused writes print one line ``error: ...`` (naming the problem
+and the fix) on stderr and exit with code 2; nothing is left half-written.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import errno
 import importlib
 import json
 import sys
+from collections.abc import Iterator
 
 USAGE_ERROR = 2
 
@@ -27,13 +33,33 @@ _DELEGATED = {
     "run-metrics": ("biollm_cls.suite.cli", "run_metrics_main"),
     "merge": ("biollm_cls.suite.cli", "merge_main"),
     "plots": ("biollm_cls.suite.cli", "plots_main"),
+    "write-results": ("biollm_cls.suite.results_doc", "main"),
     "publish-dashboard": ("biollm_cls.suite.dashboard", "main"),
 }
 
 
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    first = next((line.strip() for line in str(message).splitlines() if line.strip()), "unknown error")
+    print(f"error: {first}", file=sys.stderr)
     return USAGE_ERROR
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an OSError that no layer below turned into a message of its own."""
+    what = f" {exc.filename}" if exc.filename else ""
+    code = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
+    fix = ("free space on that filesystem (or write elsewhere)" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "check that the path exists and is readable/writable")
+    return f"cannot access{what}: {exc.strerror or exc}{code}; {fix}, then rerun the same command"
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from biollm_cls.benchmarks.errors import DataError
+    from biollm_cls.checkpoint import CheckpointError
+    from biollm_cls.config import ConfigError
+    from biollm_cls.run_io import OutputWriteError
+
+    return ConfigError, DataError, OutputWriteError, CheckpointError
 
 
 def _train(argv: list[str]) -> int:
@@ -43,15 +69,42 @@ def _train(argv: list[str]) -> int:
         cfg = load_config(argv)
     except ConfigError as exc:
         return _fail(str(exc))
-    from biollm_cls.benchmarks.errors import DataError
     from biollm_cls.train import RunError, run_training
 
     try:
         summary = run_training(cfg)
-    except (ConfigError, DataError, RunError) as exc:
+    except (*_expected_errors(), RunError) as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        return _fail(_os_error(exc))
     print(json.dumps(summary["views"], indent=2))
     return 0
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors(command: str) -> Iterator[None]:
+    """argparse prints its usage block before the error; the delegated commands print one line instead."""
+    original = argparse.ArgumentParser.error
+
+    def error(self: argparse.ArgumentParser, message: str) -> None:
+        self.exit(USAGE_ERROR, f"error: {message} (see `python -m biollm_cls.cli {command} --help`)\n")
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    module, func = _DELEGATED[command]
+    with _one_line_usage_errors(command):
+        try:
+            return int(getattr(importlib.import_module(module), func)(argv) or 0)
+        except _expected_errors() as exc:
+            return _fail(str(exc))
+        except OSError as exc:
+            return _fail(_os_error(exc))
 
 
 def _show_config(argv: list[str]) -> int:
@@ -94,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "check-device":
         return _check_device(rest)
     if command in _DELEGATED:
-        module, func = _DELEGATED[command]
-        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+        return _delegate(command, rest)
     return _fail(f"unknown command {command!r}; choose one of: {', '.join(commands)}")
 
 

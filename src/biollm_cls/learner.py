@@ -65,12 +65,6 @@ class Learner:
     def base_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.neocortex.hidden(input_ids, attention_mask)
 
-    def forced_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      gates: torch.Tensor) -> torch.Tensor:
-        """Base + the experts named by dense `gates` [B,E] (refresh tests one expert per row)."""
-        assert self.hippocampus is not None
-        return self.neocortex.hidden(input_ids, attention_mask,
-                                     inject=lambda h, m: self.hippocampus.mix(h, gates))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.neocortex.logits(hidden)

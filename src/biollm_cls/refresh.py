@@ -1,12 +1,13 @@
 """Expert refresh: recycle experts whose knowledge the neocortex has absorbed.
 
-After a sleep that lowered the distillation KL, each expert ``e`` is tested on replay episodes that were
-routed to it: does the base alone now predict what base + expert ``e`` (at its routing weight) predicts?
-If the per-token ``KL(p_{base+e} || p_base)`` over supervised positions, in eval mode, is below
-``consolidation.refresh.kl_threshold``, the expert is partially reset toward its initial weights
+After every sleep, each expert ``e`` is tested on replay episodes that were
+routed to it: does the base alone now predict what the system predicted when it learned them? If the
+per-token ``KL(p_teacher || p_base)`` (the stored top-k teacher, over supervised positions, eval mode) is
+below ``consolidation.refresh.kl_threshold`` — or the base is already at least as good as the system on the
+episodes' ground truth (a base trained on the ground truth moves away from a wrong teacher) — the expert
+is partially reset toward its initial weights
 (``theta <- theta0 + reset_factor * (theta - theta0)``) and its optimizer moments are cleared, so it can
-learn something new. All experts are tested in one batch: two forward passes in total (base, and base with
-each row's own expert forced in), not a pass per expert.
+learn something new. All experts are tested in one batch: one base pass and one system pass in total.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from biollm_cls.config.schema import RunConfig
 from biollm_cls.learner import Learner, per_row_mean, supervised_rows
 from biollm_cls.replay import ReservoirReplay, collate
+from biollm_cls.sleep import topk_kl
 
 
 @dataclass
@@ -29,37 +32,59 @@ class RefreshReport:
     reset_experts: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Absorption:
+    """Per expert (that has routed episodes with teachers): how well the base alone covers its episodes."""
+
+    teacher_kl: dict[int, float]  # per-token KL(stored teacher || base)
+    base_ce: dict[int, float]  # per-token CE of the base on the stored ground truth
+    system_ce: dict[int, float]  # the same for the system (base + hippocampus as routed now)
+
+    def absorbed(self, kl_threshold: float) -> list[int]:
+        """Absorbed: the base reproduces what the system predicted when it learned the episodes, or the base
+        is already at least as good as the system on their ground truth (the expert no longer helps there)."""
+        return [e for e, kl in self.teacher_kl.items() if kl < kl_threshold or self.base_ce[e] <= self.system_ce[e]]
+
+
 @torch.no_grad()
-def expert_absorption_kl(learner: Learner, replay: ReservoirReplay, samples_per_expert: int, pad_id: int
-                         ) -> dict[int, float]:
-    """Per-token KL(base + expert || base) on each expert's own routed episodes, for every expert with any."""
+def expert_absorption(learner: Learner, replay: ReservoirReplay, samples_per_expert: int, pad_id: int
+                      ) -> Absorption:
+    """Absorption of every expert on its own routed episodes, in one batch: a base pass and a system pass."""
     hip = learner.hippocampus
-    rows, owners, weights = [], [], []
+    rows, owners = [], []
     for e, episodes in enumerate(replay.sample_per_expert(hip.num_experts, samples_per_expert)):
         for ep in episodes:
-            rows.append(ep)
-            owners.append(e)
-            weights.append(float(ep.expert_weights[ep.expert_ids == e].sum()))
+            if ep.teacher_values is not None and ep.teacher_values.numel():
+                rows.append(ep)
+                owners.append(e)
     if not rows:
-        return {}
+        return Absorption({}, {}, {})
     batch = collate(rows, pad_id).to(learner.device)
     owner = torch.tensor(owners, device=learner.device)
-    gates = torch.zeros(len(rows), hip.num_experts, device=learner.device)
-    gates[torch.arange(len(rows), device=learner.device), owner] = torch.tensor(weights, device=learner.device)
+    values = torch.cat([ep.teacher_values for ep in rows]).to(learner.device)  # (N, k)
+    ids = torch.cat([ep.teacher_ids for ep in rows]).to(learner.device)  # (N, k)
     sup = batch.supervised
+    targets = batch.targets[sup]  # (N,)
     was = learner.neocortex.training
     learner.neocortex.eval()
     with learner.precision.autocast():
-        forced = learner.logits(learner.forced_hidden(batch.input_ids, batch.attention_mask, gates)[sup]).float()
-        base = learner.logits(learner.base_hidden(batch.input_ids, batch.attention_mask)[sup]).float()
+        base = learner.logits(learner.base_hidden(batch.input_ids, batch.attention_mask)[sup]).float()  # (N, V)
+        system = learner.logits(learner.system_hidden(batch.input_ids, batch.attention_mask)[sup]).float()
     learner.neocortex.train(was)
-    log_f, log_b = torch.log_softmax(forced, -1), torch.log_softmax(base, -1)  # (N, V)
-    token_kl = (log_f.exp() * (log_f - log_b)).sum(-1)  # (N,) KL(base + expert || base)
-    row_kl = per_row_mean(token_kl, supervised_rows(sup), len(rows))  # (rows,)
-    per_expert = torch.zeros(hip.num_experts, device=learner.device).index_add_(0, owner, row_kl)
+    token_rows = supervised_rows(sup)
     counts = torch.bincount(owner, minlength=hip.num_experts).float()
-    mean = (per_expert / counts.clamp(min=1)).tolist()
-    return {e: mean[e] for e in range(hip.num_experts) if counts[e] > 0}
+
+    def per_expert(token_values: torch.Tensor) -> dict[int, float]:  # [N] per token -> {expert: mean}
+        row = per_row_mean(token_values, token_rows, len(rows))  # (rows,)
+        total = torch.zeros(hip.num_experts, device=learner.device).index_add_(0, owner, row)
+        mean = (total / counts.clamp(min=1)).tolist()
+        return {e: mean[e] for e in range(hip.num_experts) if counts[e] > 0}
+
+    return Absorption(
+        teacher_kl=per_expert(topk_kl(base, values, ids)),
+        base_ce=per_expert(F.cross_entropy(base, targets, reduction="none")),
+        system_ce=per_expert(F.cross_entropy(system, targets, reduction="none")),
+    )
 
 
 def refresh_experts(learner: Learner, replay: ReservoirReplay, cfg: RunConfig, pad_id: int) -> RefreshReport:
@@ -67,8 +92,9 @@ def refresh_experts(learner: Learner, replay: ReservoirReplay, cfg: RunConfig, p
     report = RefreshReport()
     if learner.hippocampus is None or r.reset_factor >= 1.0:
         return report
-    kls = expert_absorption_kl(learner, replay, r.samples_per_expert, pad_id)
-    absorbed = [e for e, kl in kls.items() if kl < r.kl_threshold]
+    absorption = expert_absorption(learner, replay, r.samples_per_expert, pad_id)
+    kls = absorption.teacher_kl
+    absorbed = absorption.absorbed(r.kl_threshold)
     learner.hippocampus.partial_reset_expert(absorbed, r.reset_factor, learner.fast_optimizer)
     report.expert_kl, report.reset_experts = kls, absorbed
     report.tested, report.refresh_count = len(kls), len(absorbed)

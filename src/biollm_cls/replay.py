@@ -45,7 +45,10 @@ class ReservoirReplay:
         self.capacity = capacity
         self.episodes: list[Episode] = []
         self.seen = 0
-        self.rng = random.Random(seed)
+        # Insertion has a generator of its own: what memory keeps depends only on the stream, so ablations
+        # with the same seed hold the same episodes however much (or little) they sample from it.
+        self.insert_rng = random.Random(seed)
+        self.rng = random.Random(seed + 7919)  # sampling
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -56,13 +59,18 @@ class ReservoirReplay:
         if len(self.episodes) < self.capacity:
             self.episodes.append(episode)
             return
-        slot = self.rng.randrange(self.seen)
+        slot = self.insert_rng.randrange(self.seen)
         if slot < self.capacity:
             self.episodes[slot] = episode
 
     def sample(self, n: int, exclude_task: int | None = None) -> list[Episode]:
         """Up to n distinct episodes in random order (optionally none of `exclude_task`)."""
         pool = self.episodes if exclude_task is None else [e for e in self.episodes if e.task_id != exclude_task]
+        return self.rng.sample(pool, min(n, len(pool)))
+
+    def sample_recent(self, n: int, since_step: int) -> list[Episode]:
+        """Up to n distinct episodes experienced after `since_step` (the last sleep), in random order."""
+        pool = [e for e in self.episodes if e.step > since_step]
         return self.rng.sample(pool, min(n, len(pool)))
 
     def sample_by_expert(self, expert: int, n: int) -> list[Episode]:
@@ -98,11 +106,13 @@ class ReservoirReplay:
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "seen": self.seen, "rng": self.rng.getstate(),
+                "insert_rng": self.insert_rng.getstate(),
                 "episodes": [vars(e) for e in self.episodes]}
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity, self.seen = state["capacity"], state["seen"]
         self.rng.setstate(_as_rng_state(state["rng"]))
+        self.insert_rng.setstate(_as_rng_state(state["insert_rng"]))
         self.episodes = [Episode(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in e.items()})
                          for e in state["episodes"]]
 

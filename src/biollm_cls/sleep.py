@@ -19,6 +19,7 @@ renormalised): stored at wake time (``replay.teacher=stored_topk``) or recompute
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,11 @@ class SleepReport:
     fisher_source_mode: str = "none"
     pseudo_source_mode: str = "off"
     skipped_steps: int = 0
+    # budget (counted into the run's ledger, see budget.py)
+    gradient_rows: int = 0  # replay + pseudo rows in the base's gradients
+    forward_passes: int = 0  # forward-only passes: pseudo teachers, the distill probe
+    fisher_backwards: int = 0  # per-sequence backwards of the Fisher estimate
+    hippocampal_replay_steps: int = 0
 
 
 def pseudo_counts(replay_count: int, cfg: RunConfig) -> tuple[int, int]:
@@ -89,14 +95,20 @@ def system_topk(learner: Learner, batch: Batch, k: int, temperature: float = 1.0
 
 def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_ids: torch.Tensor,
             temperature: float = 1.0) -> torch.Tensor:
-    """Per-token KL(p_T || p_S) with p_T a softmax over the teacher's top-k logits: [N,V],[N,k],[N,k] -> [N]."""
+    """Per-token KL(p_T || p_S) over the teacher's top-k ids: [N,V],[N,k],[N,k] -> [N].
+
+    Both distributions are renormalised over the *same* k ids, so the loss is a proper KL between two
+    k-point distributions: 0 exactly when the student's logits on those ids match the teacher's up to a
+    constant, and its gradient vanishes there. (Renormalising only the teacher, as before, left the
+    student's full softmax on the other side: a student equal to the teacher still paid ~1.5 nats at k=8
+    and descent moved it away from the teacher.) Mass outside the k ids is left to the ground-truth CE."""
     t = temperature
     log_pt = torch.log_softmax(teacher_values.float() / t, dim=-1)  # (N, k)
-    log_ps = torch.log_softmax(student_logits.float() / t, dim=-1).gather(1, teacher_ids.long())  # (N, k)
+    log_ps = torch.log_softmax(student_logits.float().gather(1, teacher_ids.long()) / t, dim=-1)  # (N, k)
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1) * (t * t)  # (N,)
 
 
-def _stored_teacher(episodes: list[Episode], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def stored_teacher(episodes: list[Episode], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.cat([e.teacher_values for e in episodes]).to(device, non_blocking=True)
     ids = torch.cat([e.teacher_ids for e in episodes]).to(device, non_blocking=True)
     return values, ids
@@ -104,7 +116,7 @@ def _stored_teacher(episodes: list[Episode], device: torch.device) -> tuple[torc
 
 def _teacher(learner: Learner, episodes: list[Episode], batch: Batch, cfg: RunConfig):
     if cfg.replay.teacher == "stored_topk" and episodes[0].teacher_values is not None:
-        return _stored_teacher(episodes, learner.device)
+        return stored_teacher(episodes, learner.device)
     return system_topk(learner, batch, cfg.replay.teacher_topk)
 
 
@@ -175,14 +187,26 @@ def prepare_pseudo_pool(learner: Learner, replay: ReservoirReplay, cfg: RunConfi
     return PseudoPool(batches, values, ids)
 
 
+def sample_sleep_episodes(replay: ReservoirReplay, cfg: RunConfig, since_step: int) -> list[Episode]:
+    """One sleep batch of episodes: `recent_fraction` of them experienced since the last sleep, the rest
+    drawn uniformly from the whole reservoir (an episode may appear in both parts)."""
+    n = cfg.replay.batch_size
+    recent = replay.sample_recent(round(n * cfg.consolidation.recent_fraction), since_step) \
+        if cfg.consolidation.recent_fraction > 0 else []
+    return recent + replay.sample(n - len(recent))
+
+
 def build_sleep_batch(learner: Learner, replay: ReservoirReplay, cfg: RunConfig, pad_id: int, vocab_size: int,
-                      generator: torch.Generator, pseudo: tuple[Batch, torch.Tensor, torch.Tensor] | None = None):
+                      generator: torch.Generator, pseudo: tuple[Batch, torch.Tensor, torch.Tensor] | None = None,
+                      since_step: int = 0):
     """One sleep mini-batch on the device: (batch, teacher values, teacher ids, n_replay_rows, n_pseudo).
 
     `pseudo` is this step's share of a `PseudoPool`; without it (and with pseudo-rehearsal on) the pseudo
     examples and their teacher (the current system) are made here."""
-    episodes = replay.sample(cfg.replay.batch_size)
+    episodes = sample_sleep_episodes(replay, cfg, since_step)
     batch = collate(episodes, pad_id).to(learner.device)
+    if cfg.consolidation.distill_weight == 0:  # ground truth only (the er_matched replay steps): no teacher
+        return batch, None, None, len(episodes), 0
     values, ids = _teacher(learner, episodes, batch, cfg)
     if pseudo is None:
         inputs = _pseudo_inputs(replay, len(episodes), cfg, batch.input_ids.shape[1], pad_id, vocab_size, generator)
@@ -209,12 +233,14 @@ def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: to
     with learner.precision.autocast():
         hidden = learner.base_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
         logits = learner.logits(hidden[sup]).float()  # (N, V)
-    distill = topk_kl(logits, t_values, t_ids, cfg.consolidation.distill_temperature).mean()
+    c = cfg.consolidation
+    distill = topk_kl(logits, t_values, t_ids, c.distill_temperature).mean() if t_values is not None \
+        else torch.zeros((), device=logits.device)
     target_ce = torch.zeros((), device=logits.device)
-    if cfg.consolidation.target_ce_weight > 0:
+    if c.target_ce_weight > 0:
         n_replay_tokens = int(sup[:n_replay].sum())
         target_ce = F.cross_entropy(logits[:n_replay_tokens], batch.targets[sup][:n_replay_tokens])
-    loss = distill + cfg.consolidation.target_ce_weight * target_ce
+    loss = c.distill_weight * distill + c.target_ce_weight * target_ce
     if not torch.isfinite(loss):
         return distill.detach(), target_ce.detach(), False
     learner.backward(loss)
@@ -272,31 +298,38 @@ def probe_kl(learner: Learner, episodes: list[Episode], pad_id: int, cfg: RunCon
 
 
 def sleep_cycle(learner: Learner, replay: ReservoirReplay, ewc: OnlineEWC, steps: int, cfg: RunConfig,
-                pad_id: int, vocab_size: int, generator: torch.Generator) -> SleepReport:
-    """`steps` consolidation updates, then the online-EWC Fisher at the consolidated weights."""
+                pad_id: int, vocab_size: int, generator: torch.Generator, since_step: int = 0) -> SleepReport:
+    """`steps` consolidation updates, then the online-EWC Fisher at the consolidated weights.
+    `since_step`: the previous sleep's step (episodes after it are "recent", see recent_fraction)."""
     report = SleepReport(pseudo_source_mode=cfg.consolidation.pseudo_source
                          if cfg.consolidation.pseudo_rehearsal else "off")
     if len(replay) == 0 or steps <= 0:
         return report
-    probe = replay.sample(cfg.replay.batch_size)
+    distills = cfg.consolidation.distill_weight > 0
+    probe = replay.sample(cfg.replay.batch_size) if distills else []
     report.distill_kl_before = probe_kl(learner, probe, pad_id, cfg)
+    report.forward_passes += 2 * bool(probe)  # the probe, before and after
     sums = torch.zeros(3, device=learner.device)  # distill, target CE, loss
     pseudo_total = replay_total = 0
-    pool = prepare_pseudo_pool(learner, replay, cfg, steps, pad_id, vocab_size, generator)
+    pool = prepare_pseudo_pool(learner, replay, cfg, steps, pad_id, vocab_size, generator) if distills else None
+    if pool is not None:
+        report.forward_passes += math.ceil(len(pool) / max(1, 256 // len(pool.batches[0])))
     for step in range(steps):
         pseudo = (pool.batches[step], pool.values[step], pool.ids[step]) if pool is not None else None
         batch, t_values, t_ids, n_replay, n_pseudo = build_sleep_batch(learner, replay, cfg, pad_id, vocab_size,
-                                                                       generator, pseudo)
+                                                                       generator, pseudo, since_step)
         distill, target_ce, applied = sleep_step(learner, batch, t_values, t_ids, n_replay, cfg, ewc)
         if applied and cfg.consolidation.hippocampal_replay and learner.hippocampus is not None:
-            hippocampal_replay_step(learner, batch, t_values, t_ids, n_replay, cfg)
+            report.hippocampal_replay_steps += hippocampal_replay_step(learner, batch, t_values, t_ids, n_replay, cfg)
         if not applied:
             report.skipped_steps += 1
             continue
-        sums += torch.stack([distill, target_ce, distill + cfg.consolidation.target_ce_weight * target_ce])
+        c = cfg.consolidation
+        sums += torch.stack([distill, target_ce, c.distill_weight * distill + c.target_ce_weight * target_ce])
         pseudo_total += n_pseudo
         replay_total += n_replay
         report.steps += 1
+        report.gradient_rows += n_replay + n_pseudo
     n = max(report.steps, 1)
     report.distill_kl, report.target_ce, report.distill_loss = (float(v) / n for v in sums)
     report.pseudo_batch_size = pseudo_total / n
@@ -328,3 +361,4 @@ def _consolidate_fisher(learner: Learner, replay: ReservoirReplay, ewc: OnlineEW
     report.fisher_source_mode = "mixed_replay_pseudo" if n_pseudo else "replay_only"
     ewc.consolidate(learner.neocortex, batches, learner.base_hidden, learner.logits, learner.precision.autocast,
                     generator)
+    report.fisher_backwards += sum(len(b) for b in batches)  # one backward per sequence (true Fisher)

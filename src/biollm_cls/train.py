@@ -14,16 +14,18 @@ command on the same output directory resumes from the last checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from biollm_cls.benchmarks import Batch, build_stream, is_boundary, task_at
-from biollm_cls.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from biollm_cls.budget import BudgetLedger
+from biollm_cls.checkpoint import CheckpointError, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from biollm_cls.config import RunConfig, to_dict, total_steps
 from biollm_cls.config.schema import ConfigError
 from biollm_cls.continual_metrics import ContinualMatrix
@@ -38,7 +40,7 @@ from biollm_cls.refresh import RefreshReport, refresh_experts
 from biollm_cls.replay import ReservoirReplay, collate, episodes_from_batch
 from biollm_cls.run_io import MetricsLog, library_commit, now, versions, write_json, write_task_matrix
 from biollm_cls.scheduler import PressureSignals, SleepScheduler, clip01
-from biollm_cls.sleep import SleepReport, concat_batches, sleep_cycle
+from biollm_cls.sleep import SleepReport, concat_batches, sleep_cycle, stored_teacher
 from biollm_cls.wake import WakeOutcome, wake_step
 
 VIEWS = ("system", "base")
@@ -65,6 +67,8 @@ class RunState:
     old_task_loss: float = float("nan")
     wall_time_s: float = 0.0
     task_matrix_rows: list[dict] = field(default_factory=list)
+    ledger: BudgetLedger = field(default_factory=BudgetLedger)
+    sleep_log: list[list[int]] = field(default_factory=list)  # [step, base steps, rows per step] per sleep
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Run:
     matrices: dict[str, ContinualMatrix]
     state: RunState
     recent: list[Batch] = field(default_factory=list)  # the current task's last batches (boundary Fisher)
+    plan: dict[int, tuple[int, int]] | None = None  # consolidation.sleep_plan: sleep here, not by pressure
     wandb: object | None = None  # the W&B mirror, when logging.use_wandb
 
     @property
@@ -104,15 +109,16 @@ def run_training(cfg: RunConfig) -> dict:
     try:
         for step in range(run.state.step + 1, total + 1):
             task = task_at(step, cfg.benchmark.switch_every)
-            batch, stream_rows = wake_batch(run, step)
+            batch, stream_rows, replay_teacher = wake_batch(run, step)
             wake = wake_step(run.learner, batch.to(run.learner.device), cfg, run.ewc, stream_rows,
-                             keep_teacher=_keeps_teacher(run))
+                             keep_teacher=_keeps_teacher(run), replay_teacher=replay_teacher)
             remember(run, batch, stream_rows, wake, step)
             signals = pressure_signals(run, wake, step, task)
-            sleep, refresh = maybe_sleep(run, step, bar)
+            pressure = run.scheduler.pressure  # as it stood when the scheduler decided (sleep resets it)
+            sleep, refresh = maybe_sleep(run, step, task, bar)
             run.state.step, run.state.wall_time_s = step, time.perf_counter() - started
             if step % cfg.logging.log_interval == 0 or sleep.steps:
-                log.log(step_row(run, step, task, wake, signals, sleep, refresh))
+                log.log(step_row(run, step, task, wake, signals, pressure, sleep, refresh))
             if is_boundary(step, cfg.benchmark.switch_every):
                 log.log(evaluate_boundary(run, step, task))
                 _save(run)
@@ -160,10 +166,10 @@ def build_run(cfg: RunConfig) -> Run:
                       torch.bfloat16 if cfg.ewc.fisher_dtype == "bf16" else torch.float32),
         scheduler=SleepScheduler(cfg.scheduler, cfg.consolidation), generator=generator,
         matrices={v: ContinualMatrix(cfg.benchmark.num_tasks) for v in VIEWS}, state=RunState(),
+        plan=load_sleep_plan(cfg),
     )
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        _resume(run, checkpoints[-1])
+    if list_checkpoints(run_dir):
+        _resume(run)  # from the newest intact checkpoint
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "validated_config.json", to_dict(cfg))
@@ -187,7 +193,9 @@ def build_learner(cfg: RunConfig, device: torch.device) -> Learner:
 
 
 def _keeps_teacher(run: Run) -> bool:
-    return run.replay is not None and run.sleeps and run.cfg.replay.teacher == "stored_topk"
+    c = run.cfg
+    return (run.replay is not None and run.sleeps and c.replay.teacher == "stored_topk"
+            and (c.consolidation.distill_weight > 0 or c.replay.wake_distill_weight > 0))
 
 
 def _mirrors(run: Run) -> list:
@@ -204,21 +212,31 @@ def _mirrors(run: Run) -> list:
 
 
 # ---- the phases -----------------------------------------------------------------------------------------
-def wake_batch(run: Run, step: int) -> tuple[Batch, int]:
-    """This step's data; the `er` baseline mixes `replay.wake_mix` replayed episodes into it."""
+def wake_batch(run: Run, step: int) -> tuple[Batch, int, tuple[torch.Tensor, torch.Tensor] | None]:
+    """This step's data, with `replay.wake_mix` replayed episodes mixed in (the learner and the `er`
+    baselines): (batch, new rows, the replayed rows' stored teachers or None)."""
     batch = run.stream.train_batch(step, run.cfg.train.batch_size)
     mix = run.cfg.replay.wake_mix
     if mix > 0 and run.replay is not None and len(run.replay) > 0:
-        return concat_batches(batch, collate(run.replay.sample(mix), run.pad_id), run.pad_id), len(batch)
-    return batch, len(batch)
+        episodes = run.replay.sample(mix)
+        teacher = None
+        if run.cfg.replay.wake_distill_weight > 0 and episodes[0].teacher_values is not None:
+            teacher = stored_teacher(episodes, run.learner.device)
+        return concat_batches(batch, collate(episodes, run.pad_id), run.pad_id), len(batch), teacher
+    return batch, len(batch), None
 
 
 def remember(run: Run, batch: Batch, stream_rows: int, wake: WakeOutcome, step: int) -> None:
     """Store the new rows as episodes (replay) and keep the task's last batches (boundary Fisher)."""
     st = run.state
+    hip_trains = run.learner.hippocampus is not None
+    base_trains = run.cfg.consolidation.wake_base_lr_scale > 0
     if not wake.applied:
         st.non_finite_step_count += 1
         st.first_non_finite_step = step if st.first_non_finite_step < 0 else st.first_non_finite_step
+    else:
+        st.ledger.add_wake(len(batch), len(batch) - stream_rows, hip_trains, base_trains,
+                           forward_passes=int(wake.teacher_values is not None))
     new = Batch(batch.input_ids[:stream_rows], batch.targets[:stream_rows], batch.attention_mask[:stream_rows],
                 batch.task_ids[:stream_rows])
     if run.replay is not None:
@@ -246,7 +264,7 @@ def pressure_signals(run: Run, wake: WakeOutcome, step: int, task: int) -> Press
     if wake.applied:
         st.loss_ema = wake.loss if st.loss_ema is None else sc.novelty_decay * st.loss_ema + (
             1 - sc.novelty_decay) * wake.loss
-    if run.sleeps and step % sc.probe_interval == 0:
+    if run.sleeps and run.plan is None and step % sc.probe_interval == 0:
         st.forgetting_signal, st.old_task_loss = forgetting_probe(run, task)
     saturation = float(hip.saturation_ratio()) if hip is not None else 0.0
     signals = PressureSignals(saturation=saturation, novelty=clip01(novelty), forgetting=st.forgetting_signal)
@@ -260,6 +278,7 @@ def forgetting_probe(run: Run, task: int) -> tuple[float, float]:
     episodes = run.replay.sample(run.cfg.scheduler.probe_size, exclude_task=task) if run.replay else []
     if not episodes:
         return 0.0, float("nan")
+    run.state.ledger.forward_only_passes += 1
     learner = run.learner
     batch = collate(episodes, run.pad_id).to(learner.device)
     learner.neocortex.eval()
@@ -272,22 +291,44 @@ def forgetting_probe(run: Run, task: int) -> tuple[float, float]:
     return clip01(rise / run.cfg.scheduler.forgetting_scale), now_loss.mean().item()
 
 
-def maybe_sleep(run: Run, step: int, bar) -> tuple[SleepReport, RefreshReport]:
-    if not run.sleeps or run.replay is None or not run.scheduler.should_sleep(step):
+def maybe_sleep(run: Run, step: int, task: int, bar) -> tuple[SleepReport, RefreshReport]:
+    """Sleep when the scheduler says so (or, for a matched baseline, where its plan says), then refresh."""
+    if not run.sleeps or run.replay is None or len(run.replay) == 0:
         return SleepReport(pseudo_source_mode="off"), RefreshReport()
-    steps = run.scheduler.recommended_steps()
+    cfg = run.cfg
+    if run.plan is not None:
+        if step not in run.plan:
+            return SleepReport(pseudo_source_mode="off"), RefreshReport()
+        steps, rows = run.plan[step]
+        cfg = copy.copy(cfg)
+        cfg.replay = replace(cfg.replay, batch_size=rows)  # as many rows per step as the matched run had
+    elif run.scheduler.should_sleep(step):
+        steps = run.scheduler.recommended_steps()
+    else:
+        return SleepReport(pseudo_source_mode="off"), RefreshReport()
     bar.set_description("sleep")
-    report = sleep_cycle(run.learner, run.replay, run.ewc, steps, run.cfg, run.pad_id, run.stream.vocab_size,
-                         run.generator)
+    since = run.state.sleep_log[-1][0] if run.state.sleep_log else 0
+    report = sleep_cycle(run.learner, run.replay, run.ewc, steps, cfg, run.pad_id, run.stream.vocab_size,
+                         run.generator, since)
     refresh = RefreshReport()
-    if report.steps and report.distill_kl_after < report.distill_kl_before:
-        refresh = refresh_experts(run.learner, run.replay, run.cfg, run.pad_id)
+    if report.steps:  # each expert's own test decides (the probe's KL drop was a noisy gate: it blocked 3 of 8)
+        refresh = refresh_experts(run.learner, run.replay, cfg, run.pad_id)
     bar.set_description("wake")
     run.scheduler.mark_slept(step)
     st = run.state
     st.sleep_count += 1
     st.base_updates_in_sleep += report.steps
     st.refresh_count_total += refresh.refresh_count
+    rows_per_step = round((report.replay_batch_size_sleep + report.pseudo_batch_size)) if report.steps else 0
+    st.sleep_log.append([step, report.steps, rows_per_step])
+    hip_rows = report.hippocampal_replay_steps * rows_per_step
+    st.ledger.add_sleep(report.steps, round(report.replay_batch_size_sleep * report.steps),
+                        round(report.pseudo_batch_size * report.steps), report.forward_passes + 2 * bool(refresh.tested),
+                        report.fisher_backwards, report.hippocampal_replay_steps, hip_rows)
+    if run.plan is None and step % run.cfg.scheduler.probe_interval != 0:
+        # Forgetting is measured again on the consolidated system, so the signal reflects what sleep repaired
+        # (otherwise it held its pre-sleep value until the next probe and drove the next sleep as a timer).
+        st.forgetting_signal, st.old_task_loss = forgetting_probe(run, task)
     return report, refresh
 
 
@@ -334,8 +375,9 @@ def _record_view(run: Run, view: str, task: int, step: int, scores: dict[int, Ta
 
 
 # ---- logging --------------------------------------------------------------------------------------------
-def step_row(run: Run, step: int, task: int, wake: WakeOutcome, signals: PressureSignals, sleep: SleepReport,
-             refresh: RefreshReport) -> dict:
+def step_row(run: Run, step: int, task: int, wake: WakeOutcome, signals: PressureSignals, pressure: float,
+             sleep: SleepReport, refresh: RefreshReport) -> dict:
+    """One step's row; pressure and signals are the values the scheduler decided on (before a sleep reset)."""
     st, hip, replay = run.state, run.learner.hippocampus, run.replay
     row = {
         "kind": "step", "step": step, "task_id": task, "task_name": run.stream.task_names[task],
@@ -344,7 +386,7 @@ def step_row(run: Run, step: int, task: int, wake: WakeOutcome, signals: Pressur
         "batch_supervised_tokens": wake.supervised_tokens,
         "batch_supervised_fraction": wake.supervised_tokens / max(wake.batch_tokens, 1),
         "replay_size": len(replay) if replay else 0, "replay_added_this_step": wake.row_loss.numel() if replay else 0,
-        "sleep_pressure": run.scheduler.pressure, "saturation_ratio": signals.saturation,
+        "sleep_pressure": pressure, "saturation_ratio": signals.saturation,
         "novelty_rate": signals.novelty, "forgetting_index": signals.forgetting, "old_task_loss": st.old_task_loss,
         "sleep_count": st.sleep_count, "sleep_steps": sleep.steps,
         "expert_util_entropy": float(hip.utilization_entropy()) if hip is not None else 0.0,
@@ -352,11 +394,15 @@ def step_row(run: Run, step: int, task: int, wake: WakeOutcome, signals: Pressur
         "non_finite_step_count": st.non_finite_step_count, "first_non_finite_step": st.first_non_finite_step,
         "replay_bytes_per_episode": replay.bytes_per_episode() if replay else 0.0,
     }
-    row.update({k: v for k, v in asdict(sleep).items() if k != "steps"})
+    row.update({k: v for k, v in asdict(sleep).items() if k not in _LEDGER_ONLY})
     if run.learner.device.type == "cuda":
         row["cuda_mem_alloc_mb"] = torch.cuda.memory_allocated() / 2**20
         row["cuda_mem_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
     return row
+
+
+# sleep-report fields that go to the budget ledger (summary.json), not to every step row
+_LEDGER_ONLY = {"steps", "gradient_rows", "forward_passes", "fisher_backwards", "hippocampal_replay_steps"}
 
 
 def finish(run: Run, log: MetricsLog) -> dict:
@@ -374,6 +420,8 @@ def finish(run: Run, log: MetricsLog) -> dict:
             "replay_bytes_total": run.replay.bytes_total() if run.replay else 0,
             "replay_size": len(run.replay) if run.replay else 0,
         },
+        "budget": _final_ledger(run),
+        "sleep_log": st.sleep_log,  # [step, base steps, rows per step]: a matched baseline's sleep plan
     }
     for view in VIEWS:
         for key, value in summary["views"][view].items():
@@ -389,6 +437,42 @@ def finish(run: Run, log: MetricsLog) -> dict:
         run.wandb.finish(summary, _run_files(run))  # the summary goes up as the W&B run summary
     write_json(run.run_dir / "summary.json", summary)  # last: its presence means the run completed
     return summary
+
+
+def _final_ledger(run: Run) -> dict[str, int]:
+    ledger = run.state.ledger
+    ledger.buffer_episodes = len(run.replay) if run.replay else 0
+    ledger.buffer_bytes = run.replay.bytes_total() if run.replay else 0
+    return ledger.as_dict()
+
+
+def load_sleep_plan(cfg: RunConfig) -> dict[int, tuple[int, int]] | None:
+    """consolidation.sleep_plan: a completed run's summary.json -> {step: (base steps, rows per step)}.
+
+    The matched baseline sleeps where that run slept, as many steps. Rows per step are scaled so that its
+    base-gradient rows equal that run's base-gradient rows (``sleep_plan_match=base_rows``) or that run's
+    fast + base gradient rows (``total_rows``), counting the baseline's own wake rows
+    (steps x (batch_size + wake_mix), less the first step's empty replay). The ledger records the outcome."""
+    path = cfg.consolidation.sleep_plan
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise RunError(f"consolidation.sleep_plan={path}: no such file; point it at a completed run's summary.json "
+                       f"(the pipeline runs the matched full_cls run first)")
+    try:
+        matched = json.loads(file.read_text())
+        entries, budget = matched["sleep_log"], matched["budget"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RunError(f"consolidation.sleep_plan={path} holds no sleep_log/budget ({type(exc).__name__}); rerun "
+                       f"the matched run with this library version") from None
+    target = budget["base_gradient_rows"] + (budget["fast_gradient_rows"]
+                                             if cfg.consolidation.sleep_plan_match == "total_rows" else 0)
+    own_wake = total_steps(cfg) * (cfg.train.batch_size + cfg.replay.wake_mix) - cfg.replay.wake_mix
+    planned = sum(steps * rows for _, steps, rows in entries)
+    scale = max(0.0, target - own_wake) / planned if planned else 0.0
+    plan = {int(step): (int(steps), round(rows * scale)) for step, steps, rows in entries}
+    return {step: (steps, rows) for step, (steps, rows) in plan.items() if steps > 0 and rows > 0}
 
 
 def _run_files(run: Run) -> dict[str, Path]:
@@ -435,14 +519,21 @@ def _save(run: Run) -> None:
         run.wandb.log_checkpoint(path, st.step)
 
 
-def _resume(run: Run, path: Path) -> None:
-    saved_cfg = json.loads((run.run_dir / "validated_config.json").read_text())
+def _resume(run: Run) -> None:
+    try:
+        saved_cfg = json.loads((run.run_dir / "validated_config.json").read_text())
+    except (OSError, ValueError):
+        raise RunError(f"{run.run_dir} holds checkpoints but no readable validated_config.json (checkpoints "
+                       f"copied from another run?); use another logging.output_dir or delete that directory") from None
     current = json.loads(json.dumps(to_dict(run.cfg)))
     if saved_cfg != current:
         changed = sorted(k for k in set(saved_cfg) | set(current) if saved_cfg.get(k) != current.get(k))
         raise RunError(f"{run.run_dir} holds a run with a different config (differs in: {', '.join(changed)}); "
                        f"use another logging.output_dir")
-    state = load_checkpoint(path, run.learner.device)
+    try:
+        _, state = load_latest_checkpoint(run.run_dir, run.learner.device)  # falls back past a torn newest one
+    except CheckpointError as exc:
+        raise RunError(str(exc)) from None
     learner = run.learner
     learner.neocortex.load_state_dict(state["neocortex"])
     learner.base_optimizer.load_state_dict(state["base_optimizer"])
@@ -460,3 +551,4 @@ def _resume(run: Run, path: Path) -> None:
     torch.set_rng_state(state["torch_rng"].cpu())
     run.recent = [Batch(**{k: t.cpu() for k, t in b.items()}) for b in state["recent"]]
     run.state = RunState(**state["run_state"])
+    run.state.ledger = BudgetLedger(**run.state.ledger)

@@ -20,27 +20,33 @@ GROUP_PRESETS = {
     "train": ["continual_pilot_4070", "default", "mac_dev", "qwen_0_5b_12gb", "rtx4070"],
     "benchmark": ["instruction", "ni8_pilot", "synthetic8", "toy"],
     "model": ["hf_causal_lm", "tiny_transformer"],
-    "ablation": ["er", "ewc_only", "full_cls", "joint", "no_ewc", "no_hippocampus", "no_refresh", "no_sleep",
-                 "seq_ft"],
+    "ablation": ["er", "er_matched", "er_matched_total", "ewc_only", "full_cls", "joint", "no_ewc", "no_hippocampus",
+                 "no_refresh", "no_sleep", "seq_ft"],
 }
 ALL = [(g, p) for g, names in GROUP_PRESETS.items() for p in names]
 
-# What each ablation's comment promises, as the exact set of keys it changes relative to the default compose.
+# What each ablation's comment promises, as the exact set of keys it changes: a no_* ablation relative to
+# full_cls (the default compose; it removes exactly one mechanism), a baseline relative to the schema defaults.
 BASELINE = {"train.ablation_disable_hippocampus": True, "train.ablation_no_sleep": True,
             "consolidation.wake_base_lr_scale": 1.0}
 ABLATION_DIFF = {
-    "full_cls": {},  # "Changes nothing."
+    "full_cls": None,  # the learner's settings: exactly what full_cls.yaml sets (checked against its file)
     "no_sleep": {"ablation_name": "no_sleep", "train.ablation_no_sleep": True},
     "no_ewc": {"ablation_name": "no_ewc", "ewc.lambda_": 0.0},
     "no_refresh": {"ablation_name": "no_refresh", "consolidation.refresh.reset_factor": 1.0},
     "no_hippocampus": {"ablation_name": "no_hippocampus", "train.ablation_disable_hippocampus": True,
-                       "consolidation.wake_base_lr_scale": 1.0, "consolidation.target_ce_weight": 1.0,
-                       "consolidation.pseudo_rehearsal": False},
+                       "consolidation.wake_base_lr_scale": 1.0},
     "seq_ft": {"ablation_name": "seq_ft", **BASELINE, "ewc.lambda_": 0.0},
     "er": {"ablation_name": "er", **BASELINE, "replay.wake_mix": 16, "ewc.lambda_": 0.0},
     "ewc_only": {"ablation_name": "ewc_only", **BASELINE, "ewc.fisher_update": "boundary", "ewc.lambda_": 100.0},
     "joint": {"ablation_name": "joint", **BASELINE, "benchmark.order": "joint", "ewc.lambda_": 0.0},
+    "er_matched": {"ablation_name": "er_matched", "train.ablation_disable_hippocampus": True,
+                   "consolidation.wake_base_lr_scale": 1.0, "replay.wake_mix": 16, "ewc.lambda_": 0.0,
+                   "consolidation.distill_weight": 0.0, "consolidation.target_ce_weight": 1.0,
+                   "consolidation.pseudo_rehearsal": False},
 }
+ABLATION_DIFF["er_matched_total"] = {**ABLATION_DIFF["er_matched"], "ablation_name": "er_matched_total",
+                                     "consolidation.sleep_plan_match": "total_rows"}
 
 _COMPOSED: dict[tuple[str, ...], dict] = {}
 
@@ -52,10 +58,17 @@ def composed(*overrides: str) -> dict:
     return _COMPOSED[overrides]
 
 
-def test_default_compose_is_the_schema_defaults():
+def test_default_compose_is_the_schema_defaults_plus_the_full_cls_preset():
+    import yaml
+
+    from biollm_cls.config import config_dir
+
     cfg = load_config([])
     assert isinstance(cfg, RunConfig)
-    assert to_dict(cfg) == to_dict(RunConfig())
+    preset = flatten(yaml.safe_load((config_dir() / "ablation" / "full_cls.yaml").read_text()))
+    got, schema = flatten(to_dict(cfg)), flatten(to_dict(RunConfig()))
+    assert {k for k in got if got[k] != schema[k]} == {k for k in preset if preset[k] != schema[k]}
+    assert all(got[k] == v for k, v in preset.items())
     assert cfg.model.provider == "tiny" and cfg.benchmark.name == "toy" and cfg.ablation_name == "full_cls"
 
 
@@ -69,6 +82,7 @@ def test_each_preset_composes_and_applies_its_yaml(group, preset):
     flat = composed(f"{group}={preset}")
     text = (config_dir() / group / f"{preset}.yaml").read_text()
     values = yaml.safe_load(text) or {}
+    values.pop("defaults", None)  # a preset built on another (e.g. no_ewc on full_cls)
     # A `# @package _global_` preset sets top-level keys; the others live under their group key.
     expected = flatten(values) if "@package _global_" in text else flatten(values, f"{group}.")
     assert expected, f"{group}/{preset}.yaml sets nothing"
@@ -78,10 +92,15 @@ def test_each_preset_composes_and_applies_its_yaml(group, preset):
 
 @pytest.mark.parametrize("ablation", GROUP_PRESETS["ablation"])
 def test_each_ablation_changes_exactly_what_its_comment_says(ablation):
-    base, flat = composed(), composed(f"ablation={ablation}")
+    flat = composed(f"ablation={ablation}")
+    base = composed() if ablation.startswith("no_") else flatten(to_dict(RunConfig()))
     assert set(base) == set(flat)
     diff = {k: v for k, v in flat.items() if base[k] != v}
-    assert diff == ABLATION_DIFF[ablation]
+    expected = ABLATION_DIFF[ablation]
+    if expected is None:
+        values = yaml.safe_load((config_dir() / "ablation" / f"{ablation}.yaml").read_text())
+        expected = {k: v for k, v in flatten(values).items() if base[k] != v}
+    assert diff == expected
 
 
 def test_ablation_semantics():

@@ -87,9 +87,9 @@ def test_dry_runs_of_every_config(tmp_path):
         workdir.mkdir()
     expected = {
         "ci": {"build_pack": 1, "pretrain_base": 1, "train": 2, "run_metrics": 2, "merge": 1, "plots": 2},
-        "toy": {"train": 6, "run_metrics": 6, "merge": 1, "plots": 2},
+        "toy": {"train": 12, "run_metrics": 12, "merge": 1, "plots": 2},
         "ni8": {"build_pack": 1, "train": 27, "run_metrics": 27, "merge": 1, "plots": 2},
-        "config": {"build_pack": 1, "pretrain_base": 1, "train": 27, "run_metrics": 27, "merge": 1, "plots": 2},
+        "config": {"build_pack": 1, "pretrain_base": 1, "train": 30, "run_metrics": 30, "merge": 1, "plots": 2},
         "wandb": {"build_pack": 1, "pretrain_base": 1, "train": 2, "run_metrics": 2, "merge": 1, "plots": 2,
                   "publish_dashboard": 1},
     }

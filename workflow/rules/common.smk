@@ -16,6 +16,9 @@ LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
 
 ABLATIONS = list(config["ablations"])
+# Matched baselines -> the ablation whose budget they match, run for run (same seed): `er_matched` sleeps
+# (replay-only base steps) exactly where that seed's full_cls slept (consolidation.sleep_plan).
+MATCHED = {"er_matched": "full_cls", "er_matched_total": "full_cls"}
 SEEDS = list(config["seeds"])
 VIEWS = ["system", "base"]
 PLOT_NAMES = ["seen_acc_trajectory", "final_metrics", "paired_deltas", "task_matrix"]
@@ -34,6 +37,13 @@ wildcard_constraints:
 # ---------------------------------------------------------------------------------- config checks
 
 
+def preset_of(ablation):
+    """An ablation entry is a preset name, or `<preset>__<variant>`: that preset plus the entry's overrides,
+    recorded under the entry's own name (a study of variants of one preset, e.g. full_cls__no_wake_replay)."""
+    return ablation.split("__", 1)[0]
+
+
+
 def _key(override):
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -45,7 +55,7 @@ def _keys(overrides):
 def _check_config():
     """What the JSON schema cannot say: names that must exist and keys the pipeline sets itself."""
     known = sorted(p.stem for p in (PRESETS / "ablation").glob("*.yaml"))
-    unknown = [a for a in ABLATIONS if known and a not in known]
+    unknown = [a for a in ABLATIONS if known and preset_of(a) not in known]
     if unknown:
         raise WorkflowError(
             f"config ablations: unknown ablation preset(s) {', '.join(unknown)}; choose from: {', '.join(known)}"
@@ -55,7 +65,11 @@ def _check_config():
         raise WorkflowError(
             f"config benchmark: unknown preset {config['benchmark']}; choose from: {', '.join(benchmarks)}"
         )
-    reserved = {"seed", "ablation", "ablation_name", "suite_name", "logging.output_dir"}
+    missing = sorted(f"{a} (needs {MATCHED[preset_of(a)]})" for a in ABLATIONS
+                     if preset_of(a) in MATCHED and MATCHED[preset_of(a)] not in ABLATIONS)
+    if missing:
+        raise WorkflowError(f"config ablations: {', '.join(missing)}: add the ablation it is matched to")
+    reserved = {"seed", "ablation", "ablation_name", "suite_name", "logging.output_dir", "consolidation.sleep_plan"}
     if config.get("benchmark"):
         reserved.add("benchmark")
     if config.get("pack"):
@@ -139,13 +153,17 @@ def train_inputs(wildcards):
         inputs.update({k: v for k, v in pack_files().items() if k in ("train", "eval", "metadata")})
     if config.get("pretrain"):
         inputs["checkpoint"] = BASE_CHECKPOINT
+    if preset_of(wildcards.ablation) in MATCHED:  # a matched baseline replays where the learner slept (its summary)
+        inputs["sleep_plan"] = f"{RUN_DIR.format(ablation=MATCHED[preset_of(wildcards.ablation)], seed=wildcards.seed)}/summary.json"
     return inputs
 
 
 def train_overrides(wildcards):
     """The full override list of one run. It is the train rule's `params`, so editing an ablation's
     overrides (or the suite-level ones) reruns exactly the runs whose list changed."""
-    overrides = [f"ablation={wildcards.ablation}", f"seed={wildcards.seed}"]
+    overrides = [f"ablation={preset_of(wildcards.ablation)}", f"seed={wildcards.seed}"]
+    if preset_of(wildcards.ablation) != wildcards.ablation:
+        overrides.append(f"ablation_name={wildcards.ablation}")
     if config.get("benchmark"):
         overrides.append(f"benchmark={config['benchmark']}")
     if config.get("pack"):
@@ -154,6 +172,8 @@ def train_overrides(wildcards):
     if config.get("pretrain"):
         overrides.append(f"model.init_checkpoint={BASE_CHECKPOINT}")
     overrides += [f"logging.output_dir={run_dir(wildcards)}", f"suite_name={config['suite_name']}"]
+    if preset_of(wildcards.ablation) in MATCHED:
+        overrides.append(f"consolidation.sleep_plan={train_inputs(wildcards)['sleep_plan']}")
     return overrides + list(config["overrides"]) + list(config["ablations"][wildcards.ablation] or [])
 
 

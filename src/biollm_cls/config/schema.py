@@ -88,12 +88,13 @@ class ReplayConfig:
     batch_size: int = 32
     teacher: str = "stored_topk"  # stored_topk | recompute
     teacher_topk: int = 8  # logits kept per supervised position when teacher=stored_topk
-    wake_mix: int = 0  # `er` baseline: replay episodes mixed into every wake batch
+    wake_mix: int = 0  # replay episodes mixed into every wake batch (the learner's and the `er` baselines')
+    wake_distill_weight: float = 0.0  # DER++: KL(stored top-k teacher || system) on the replayed wake rows
 
 
 @dataclass
 class RefreshConfig:
-    kl_threshold: float = 0.3  # per-token KL(base + expert || base), nats, below which the expert is absorbed
+    kl_threshold: float = 0.3  # per-token KL(stored teacher || base) on the expert's episodes, nats: absorbed below
     reset_factor: float = 0.1  # keep this fraction of the learned deviation; >= 1 disables refresh
     samples_per_expert: int = 8
 
@@ -112,6 +113,16 @@ class ConsolidationConfig:
     pseudo_random_fraction: float = 0.5
     fisher_use_capability_mix: bool = True
     target_ce_weight: float = 0.0  # weight of CE on the stored ground-truth targets during sleep
+    # fraction of each sleep batch drawn from the episodes experienced since the last sleep (the rest: the
+    # whole reservoir). Hippocampal replay favours recent memories; 0 = uniform over the reservoir
+    recent_fraction: float = 0.0
+    distill_weight: float = 1.0  # weight of the top-k KL to the teacher during sleep; 0 = ground truth only
+    # `er_matched`: a full_cls run's summary.json; sleep then happens exactly where that run slept, for as many
+    # steps, so the baseline gets the same base-gradient budget (the learner's own scheduler is not used)
+    sleep_plan: str | None = None
+    # what the plan matches: base_rows (extra replay steps until the base-gradient rows equal that run's) or
+    # total_rows (that run's fast + base gradient rows all go to the base)
+    sleep_plan_match: str = "base_rows"
     distill_temperature: float = 1.0
     hippocampal_replay: bool = False  # the hippocampus also relearns each sleep batch on the consolidated base
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
@@ -213,6 +224,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "experts.routing": ("sequence", "token"),
     "replay.teacher": ("stored_topk", "recompute"),
     "consolidation.pseudo_source": ("mixed", "replay_echo", "random_tokens"),
+    "consolidation.sleep_plan_match": ("base_rows", "total_rows"),
     "ewc.fisher_update": ("sleep", "boundary"),
     "ewc.fisher_dtype": ("fp32", "bf16"),
     "train.amp_dtype": ("bf16", "fp16"),
@@ -268,10 +280,20 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"consolidation.sleep_min_interval={c.sleep_min_interval} must be <= "
             f"sleep_max_interval={c.sleep_max_interval}"
         )
+    if not 0.0 <= c.recent_fraction <= 1.0:
+        raise ConfigError(f"consolidation.recent_fraction={c.recent_fraction} must be in [0, 1]")
     if not 0.0 <= c.pseudo_random_fraction <= 1.0:
         raise ConfigError(f"consolidation.pseudo_random_fraction={c.pseudo_random_fraction} must be in [0, 1]")
-    if c.pseudo_ratio < 0 or c.wake_base_lr_scale < 0 or c.target_ce_weight < 0:
-        raise ConfigError("consolidation.pseudo_ratio, wake_base_lr_scale and target_ce_weight must be >= 0")
+    if min(c.pseudo_ratio, c.wake_base_lr_scale, c.target_ce_weight, c.distill_weight,
+           cfg.replay.wake_distill_weight) < 0:
+        raise ConfigError("consolidation.pseudo_ratio, wake_base_lr_scale, target_ce_weight, distill_weight and "
+                          "replay.wake_distill_weight must be >= 0")
+    if c.distill_weight == 0 and c.target_ce_weight == 0:
+        raise ConfigError("consolidation.distill_weight=0 and target_ce_weight=0 leave sleep without a loss: "
+                          "set one of them > 0")
+    if c.distill_weight == 0 and c.pseudo_rehearsal:
+        raise ConfigError("consolidation.distill_weight=0 leaves pseudo-rehearsal rows without a loss (they have no "
+                          "ground truth): set consolidation.pseudo_rehearsal=false")
     if cfg.ewc.lambda_ < 0 or not 0.0 <= cfg.ewc.fisher_decay <= 1.0:
         raise ConfigError("ewc.lambda_ must be >= 0 and ewc.fisher_decay in [0, 1]")
     if c.refresh.reset_factor < 0:

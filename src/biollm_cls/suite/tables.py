@@ -43,9 +43,14 @@ COUNTERS = [
     "first_non_finite_step", "replay_size", "replay_bytes_per_episode", "replay_bytes_total", "wall_time_s",
     "steps_per_s",
 ]
+# The budget ledger (summary.json "budget", see biollm_cls/budget.py): what each run spent.
+BUDGET = [
+    "fast_optimizer_steps", "base_optimizer_steps", "fast_gradient_rows", "base_gradient_rows", "replayed_rows",
+    "pseudo_rows", "forward_only_passes", "fisher_backwards", "buffer_episodes", "buffer_bytes",
+]
 TIMING = ("wall_time_s", "steps_per_s")  # in summary.json counters, else in run_metadata.json "timing"
 RUN_FACTS = ["suite_name", "benchmark", "num_tasks", "steps"]
-SUMMARY_COLUMNS = ID_COLUMNS + SUMMARY_METRICS + SUMMARY_EXTRA_METRICS + COUNTERS + RUN_FACTS
+SUMMARY_COLUMNS = ID_COLUMNS + SUMMARY_METRICS + SUMMARY_EXTRA_METRICS + COUNTERS + BUDGET + RUN_FACTS
 
 BOUNDARY_METRICS = ["seen_acc_avg", "seen_loss_avg", "forgetting", "bwt"]
 BOUNDARY_COLUMNS = (
@@ -62,7 +67,7 @@ TASK_MATRIX_COLUMNS = ID_COLUMNS + ["boundary_index", "task_id", "task_name"] + 
 INT_COLUMNS = {
     "seed", "step", "boundary_index", "boundary_step", "tasks_completed", "task_id", "n_tokens", "num_tasks",
     "steps", "sleep_count", "refresh_count_total", "base_updates_in_sleep", "non_finite_step_count",
-    "first_non_finite_step", "replay_size", "replay_bytes_total",
+    "first_non_finite_step", "replay_size", "replay_bytes_total", *BUDGET,
 }
 
 TABLE_COLUMNS = {
@@ -118,7 +123,7 @@ def run_tables(run_dir: str | os.PathLike, run_id: str | None = None) -> RunTabl
         return None
     summary = _read_json(run_dir / "summary.json")
     identity = _identity(summary, run_id or str(run_dir))
-    counters = {**_timing(run_dir), **(summary.get("counters") or {})}
+    counters = {**_timing(run_dir), **(summary.get("counters") or {}), **(summary.get("budget") or {})}
     return RunTables(
         summary=_summary_table(summary, counters, identity),
         boundary_metrics=_boundary_table(_boundary_rows(run_dir / "metrics.jsonl"), identity),
@@ -174,7 +179,7 @@ def _summary_table(summary: dict[str, Any], counters: dict[str, Any], who: RunId
             row[key] = _value(metrics.get(key))
         uncovered = metrics.get("uncovered_tasks") or []
         row["uncovered_tasks"] = ";".join(str(t) for t in uncovered)
-        row.update({key: _value(counters.get(key)) for key in COUNTERS})
+        row.update({key: _value(counters.get(key)) for key in COUNTERS + BUDGET})
         row.update({key: _value(value) for key, value in facts.items()})
         rows.append(row)
     return _frame(rows, SUMMARY_COLUMNS)
