@@ -1,13 +1,16 @@
 """The run directory: metrics.jsonl, summary.json, task_matrix.csv, config, metadata (docs/run_outputs.md).
 
-Every file except the streaming ``metrics.jsonl`` is written atomically (temp file + ``os.replace``), and
-``summary.json`` is written last, so its presence means the run completed. ``metrics.jsonl`` is opened
-fresh for a new run; on resume it is cut back to the rows of the checkpointed steps first.
+Every file except the streaming ``metrics.jsonl`` is written atomically (temp file, ``fsync``,
+``os.replace``, ``fsync`` of the folder), and ``summary.json`` is written last, so its presence means the
+run completed. ``metrics.jsonl`` is opened fresh for a new run; on resume it is cut back to the rows of
+the checkpointed steps first. A write the disk refuses (full, quota, read-only) raises ``OutputWriteError``:
+one line naming the file and the fix; the files written before it are left as they were.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -40,16 +43,59 @@ class Mirror(Protocol):
     def log(self, row: dict) -> None: ...
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+_FIXES = {
+    errno.ENOSPC: "free space on that filesystem (or choose another logging.output_dir)",
+    errno.EDQUOT: "free space within your quota (or choose another logging.output_dir)",
+    errno.EROFS: "the filesystem is read-only: choose another logging.output_dir",
+    errno.EACCES: "make the directory writable (or choose another logging.output_dir)",
+    errno.EPERM: "make the directory writable (or choose another logging.output_dir)",
+}
+
+
+class OutputWriteError(RuntimeError):
+    """A run output the disk refused to write (reported as one line, exit code 2)."""
+
+    @classmethod
+    def of(cls, path: Path | str, exc: OSError) -> OutputWriteError:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+        fix = _FIXES.get(exc.errno, "check the disk (or choose another logging.output_dir)")
+        return cls(f"cannot write {path}: {reason}{f' ({code})' if code else ''}; {fix}, then rerun the same "
+                   f"command: a run resumes from its last checkpoint, and files written before are intact")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (no-op where directories cannot be opened, e.g. Windows)."""
     try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `path` via a synced temp file and a rename. Raises OutputWriteError; never leaves a temp file."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputWriteError.of(path, exc) from None
         raise
 
 
@@ -75,22 +121,32 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None, mirrors: list[Mirror] | None = None):
         self.path = path
         self.mirrors = mirrors or []
-        if resume_step is None:
-            self.file = path.open("w", encoding="utf-8")
-        else:
+        self.failed = False
+        if resume_step is not None:
             kept = [line for line in _read_lines(path) if _row_step(line) <= resume_step]
             atomic_write_text(path, "".join(kept))
-            self.file = path.open("a", encoding="utf-8")
+        try:
+            self.file = path.open("w" if resume_step is None else "a", encoding="utf-8")
+        except OSError as exc:
+            raise OutputWriteError.of(path, exc) from None
 
     def log(self, row: dict) -> None:
         row = _json_safe(row)
-        self.file.write(json.dumps(row, allow_nan=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as exc:  # a torn last line is dropped on resume (_row_step)
+            self.failed = True
+            raise OutputWriteError.of(self.path, exc) from None
         for mirror in self.mirrors:
             mirror.log(row)
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as exc:
+            if not self.failed:  # after a failed write the buffer cannot be flushed either: already reported
+                raise OutputWriteError.of(self.path, exc) from None
 
 
 def _read_lines(path: Path) -> list[str]:

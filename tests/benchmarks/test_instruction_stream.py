@@ -220,3 +220,43 @@ def test_tampered_pack_is_refused(synthetic_pack: Path, tmp_path: Path, make_cfg
     with pytest.raises(DataError, match="sha256"):
         build_instruction_stream(pack_cfg(make_cfg, pack))
     build_instruction_stream(pack_cfg(make_cfg, pack, "benchmark.verify_checksums=false"))  # opt-out works
+
+
+def _strip_checksums(synthetic_pack: Path, tmp_path: Path) -> Path:
+    import json
+    import shutil
+
+    pack = tmp_path / "pack"
+    shutil.copytree(synthetic_pack, pack)
+    metadata = json.loads((pack / "metadata.json").read_text())
+    del metadata["checksums"]
+    (pack / "metadata.json").write_text(json.dumps(metadata))
+    return pack
+
+
+def test_pack_without_checksums_is_refused_when_verifying(synthetic_pack: Path, tmp_path: Path, make_cfg):
+    pack = _strip_checksums(synthetic_pack, tmp_path)
+    with pytest.raises(DataError) as err:
+        build_instruction_stream(pack_cfg(make_cfg, pack))
+    message = str(err.value)
+    assert "\n" not in message and "records no checksums" in message
+    assert "rebuild the pack (build-pack) or set benchmark.verify_checksums=false" in message
+
+
+def test_pack_without_checksums_is_recorded_unverified_when_not_verifying(synthetic_pack: Path, tmp_path: Path,
+                                                                          make_cfg):
+    pack = _strip_checksums(synthetic_pack, tmp_path)
+    facts = build_instruction_stream(pack_cfg(make_cfg, pack, "benchmark.verify_checksums=false")).describe()
+    assert facts["source"]["pack"]["checksums"] is None
+    assert facts["source"]["pack"]["checksums_verified"] is False
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path: Path, make_cfg, jsonl):
+    data = jsonl(tmp_path / "d.jsonl", rows({"t0": 4}))
+    with data.open("ab") as handle:
+        handle.write(b'{"task": "t0", "instruction": "caf\xe9", "output": "x"}\n')
+    with pytest.raises(DataError) as err:
+        build_instruction_stream(make_cfg(f"benchmark.local_path={data}", "benchmark.num_tasks=1"))
+    message = str(err.value)
+    assert message.startswith(f"{data}:5: not valid UTF-8 (byte 0xe9") and "re-save the file as UTF-8" in message
+    assert "\n" not in message

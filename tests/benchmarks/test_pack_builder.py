@@ -179,3 +179,52 @@ def test_real_ni_sample_pack_and_stream(tmp_path: Path, make_cfg):
     batch = stream.train_batch(1, 4)
     assert batch.input_ids.shape == (4, 256) and batch.supervised.any(1).all()
     assert stream.describe()["counts"]["duplicates_removed"] == 0
+
+
+def test_verify_refuses_a_pack_without_checksums(tmp_path: Path):
+    src = write_rows(tmp_path / "src.jsonl", fixture_rows())
+    assert build(src, tmp_path / "p") == 0
+    meta_file = tmp_path / "p" / "metadata.json"
+    metadata = json.loads(meta_file.read_text())
+    for checksums, missing in (({}, "records no checksums"), (None, "records no checksums"),
+                               ({k: v for k, v in metadata["checksums"].items() if k != "train_jsonl_sha256"},
+                                "records no checksum train_jsonl_sha256")):
+        meta_file.write_text(json.dumps({**metadata, "checksums": checksums}))
+        with pytest.raises(DataError, match=missing):
+            verify_pack(tmp_path / "p")
+
+
+def test_duplicate_task_names_in_metadata_are_refused(tmp_path: Path):
+    src = write_rows(tmp_path / "src.jsonl", fixture_rows())
+    assert build(src, tmp_path / "p") == 0
+    meta_file = tmp_path / "p" / "metadata.json"
+    metadata = json.loads(meta_file.read_text())
+    metadata["selected_tasks"].append(metadata["selected_tasks"][0])
+    meta_file.write_text(json.dumps(metadata))
+    with pytest.raises(DataError, match="is listed twice"):
+        verify_pack(tmp_path / "p")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_non_utf8_source_is_a_one_line_data_error(tmp_path: Path, capsys: pytest.CaptureFixture, suffix: str):
+    from biollm_cls.benchmarks.packs.sources import read_json_records
+
+    src = tmp_path / f"src{suffix}"
+    if suffix == ".jsonl":
+        src.write_bytes(b'{"task": "a", "instruction": "ok", "output": "x"}\n{"task": "a", "instruction": "\xff"}\n')
+    else:
+        src.write_bytes(b'[{"task": "a",\n "instruction": "\xff"}]\n')
+    with pytest.raises(DataError, match=rf"src{suffix}:2: not valid UTF-8 \(byte 0xff"):
+        list(read_json_records(src))
+    if suffix == ".jsonl":
+        assert build(src, tmp_path / "out") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "src.jsonl:2: not valid UTF-8" in err and not (tmp_path / "out").exists()
+
+
+def test_utf8_bom_on_the_first_line_is_accepted(tmp_path: Path):
+    from biollm_cls.benchmarks.packs.sources import read_json_records
+
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"task": "a", "instruction": "i", "output": "o"}\n')
+    assert [r["task"] for _, r in read_json_records(src)] == ["a"]

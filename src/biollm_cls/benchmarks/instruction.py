@@ -167,16 +167,18 @@ def resolve_vocab_size(cfg: RunConfig, stream: Any) -> int:
 # ---- loading -----------------------------------------------------------------------------------------
 
 
-def _text(record: Mapping, key: str, location: str) -> str:
+def _text(record: Mapping, key: str, location: str, setting: str) -> str:
     if key not in record:
-        raise DataError(f"{location} (field {key!r}): missing field {key!r}")
+        raise DataError(f"{location} (field {key!r}): missing field {key!r}; set {setting} to the field that "
+                        f"holds it (the record has: {', '.join(map(str, record)) or 'no fields'})")
     value = record[key]
     if isinstance(value, list):  # NI-style list of acceptable outputs: the first non-empty one
         value = next((v for v in value if isinstance(v, str) and v.strip()), "")
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise DataError(f"{location} (field {key!r}): expected text, got {type(value).__name__}")
+        raise DataError(f"{location} (field {key!r}): expected text, got {type(value).__name__}; fix the record "
+                        f"(or point {setting} at a text field)")
     return value.strip()
 
 
@@ -198,7 +200,8 @@ def records_to_examples(records: Iterable[tuple[str, Mapping]], b: BenchmarkConf
     examples = []
     for location, record in records:
         counts.records_read += 1
-        prompt, response = _text(record, b.prompt_field, location), _text(record, b.response_field, location)
+        prompt = _text(record, b.prompt_field, location, "benchmark.prompt_field")
+        response = _text(record, b.response_field, location, "benchmark.response_field")
         task = _task_label(record, b, prompt, location)
         if not prompt or not response:
             counts.empty_skipped += 1
@@ -212,7 +215,8 @@ def read_records(path: str | None, b: BenchmarkConfig, limit: int) -> Iterator[t
     if path is not None:
         p = Path(path)
         if not p.exists():
-            raise ConfigError(f"benchmark data file {path} does not exist (benchmark.local_path / eval_local_path)")
+            raise ConfigError(f"benchmark data file {path} does not exist; set benchmark.local_path / "
+                              f"benchmark.eval_local_path to an existing file (or build the pack first: build-pack)")
         if p.is_file():
             return ((f"{p}:{line}", rec) for line, rec in read_json_records(p, limit))
         import datasets
@@ -253,7 +257,8 @@ def training_order(examples: list[Example], b: BenchmarkConfig, pack_tasks: list
     need = max(1, b.min_examples_per_task)
     if pack_tasks is not None:
         if len(pack_tasks) < b.num_tasks:
-            raise DataError(f"{source}: the pack has {len(pack_tasks)} tasks but benchmark.num_tasks={b.num_tasks}")
+            raise DataError(f"{source}: the pack has {len(pack_tasks)} tasks but benchmark.num_tasks={b.num_tasks}; "
+                            f"set benchmark.num_tasks <= {len(pack_tasks)} (or build a pack with more tasks)")
         order = pack_tasks[: b.num_tasks]
         for task in order:
             if sizes.get(task, 0) < need:
@@ -435,6 +440,9 @@ def build_instruction_stream(cfg: RunConfig) -> InstructionStream:
     train_meta = _pack_metadata(b.local_path, b.verify_checksums)
     source = b.local_path or f"{b.dataset_name}[{b.dataset_split}]"
     examples = records_to_examples(read_records(b.local_path, b, b.max_examples), b, counts)
+    if counts.records_read == 0:
+        raise DataError(f"{source}: holds no records (an empty file?); point benchmark.local_path at a JSONL file "
+                        f"with one JSON object per line")
     evals, eval_meta = _load_eval(b, train_meta)
     order = training_order(examples, b, train_meta["selected_tasks"] if train_meta else None, source)
     by_task: dict[str, list[Example]] = {task: [] for task in order}
@@ -446,7 +454,8 @@ def build_instruction_stream(cfg: RunConfig) -> InstructionStream:
     for task in order:
         train, held = split_heldout(task, by_task[task], evals, b, counts, b.eval_local_path)
         if not train:
-            raise DataError(f"{source}: task {task!r} has no training rows left after holding out and deduplicating")
+            raise DataError(f"{source}: task {task!r} has no training rows left after holding out and deduplicating; "
+                            f"give it more distinct instructions (or lower benchmark.heldout_per_task)")
         train_data.append(_encode_task(train, encoder, cfg, target_vocab, "training"))
         held_data.append(_encode_task(held, encoder, cfg, target_vocab, "held-out"))
     facts = {

@@ -42,7 +42,7 @@ from typing import Any
 from tqdm import tqdm
 
 from biollm_cls.benchmarks.errors import DataError
-from biollm_cls.benchmarks.packs.sources import RawRow, Source
+from biollm_cls.benchmarks.packs.sources import RawRow, Source, read_utf8
 
 PACK_FORMAT = "biollm-cls-pack/1"
 METADATA = "metadata.json"
@@ -231,9 +231,10 @@ def _version(package: str) -> str | None:
 def check_output_dir(output_dir: Path) -> None:
     """Refuse to replace a folder that is neither empty nor a pack (we never delete unknown files)."""
     if output_dir.exists() and not output_dir.is_dir():
-        raise DataError(f"{output_dir}: exists and is not a directory")
+        raise DataError(f"{output_dir}: exists and is not a directory; choose another --output-dir")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / METADATA).is_file():
-        raise DataError(f"{output_dir}: exists, is not empty and holds no {METADATA}; refusing to overwrite it")
+        raise DataError(f"{output_dir}: exists, is not empty and holds no {METADATA}; refusing to overwrite it: "
+                        f"choose an empty --output-dir (or remove that folder)")
 
 
 def _jsonl_bytes(rows: list[dict]) -> bytes:
@@ -300,25 +301,47 @@ def is_pack(path: str | Path) -> bool:
     return (pack_dir(path) / METADATA).is_file()
 
 
+REBUILD = "rebuild the pack (build-pack)"
+VERIFY_HINT = f"{REBUILD} or set benchmark.verify_checksums=false"
+
+
 def read_metadata(path: str | Path) -> dict:
     file = pack_dir(path) / METADATA
     try:
-        metadata = json.loads(file.read_text(encoding="utf-8"))
+        metadata = json.loads(read_utf8(file))
     except FileNotFoundError:
         raise DataError(f"{file}: no such file (not a pack)") from None
     except json.JSONDecodeError as exc:
-        raise DataError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("selected_tasks"), list):
-        raise DataError(f"{file}: not a pack's metadata (no 'selected_tasks' list)")
+        raise DataError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg}); {REBUILD}") from None
+    tasks = metadata.get("selected_tasks") if isinstance(metadata, dict) else None
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t.strip() for t in tasks):
+        raise DataError(f"{file}: not a pack's metadata (no 'selected_tasks' list of task names); {REBUILD}")
+    seen: set[str] = set()
+    for task in tasks:
+        if task in seen:
+            raise DataError(f"{file} (field 'selected_tasks'): task {task!r} is listed twice; task names must be "
+                            f"unique: {REBUILD}")
+        seen.add(task)
     return metadata
 
 
 def verify_pack(path: str | Path) -> dict:
-    """Check every checksum in metadata.json against the files; return the metadata. Raises DataError."""
+    """Check every checksum in metadata.json against the files; return the metadata. Raises DataError.
+
+    A pack must carry a checksum for each of its data files and for its task list: a pack without them
+    cannot be verified, so it is refused rather than recorded as verified."""
     folder = pack_dir(path)
     metadata = read_metadata(folder)
-    checksums = metadata.get("checksums") or {}
-    hint = "rebuild the pack (build-pack) or set benchmark.verify_checksums=false"
+    checksums = metadata.get("checksums")
+    hint = VERIFY_HINT
+    if not isinstance(checksums, dict) or not checksums:
+        raise DataError(f"{folder / METADATA}: records no checksums, so the pack cannot be verified; {hint} "
+                        f"(it is then recorded as checksums_verified: false)")
+    required = ["task_list_sha256"] + [key for name, key in CHECKSUM_KEYS.items() if (folder / name).is_file()]
+    missing = [key for key in required if not isinstance(checksums.get(key), str)]
+    if missing:
+        raise DataError(f"{folder / METADATA}: records no checksum {', '.join(missing)}, so the pack cannot be "
+                        f"verified; {hint}")
     for name, key in CHECKSUM_KEYS.items():
         if key not in checksums:
             continue

@@ -59,7 +59,8 @@ def open_source(args: argparse.Namespace) -> Source:
     if args.source == "hf":
         return open_hf(args.dataset_name, args.dataset_config, args.split, args.verification_mode)
     if args.path is None:
-        raise DataError(f"--source {args.source} needs --path")
+        raise DataError(f"--source {args.source} needs --path "
+                        f"{'DIR (the tasks/ folder of natural-instructions)' if args.source == 'ni-tasks' else 'FILE.jsonl'}")
     return open_ni_tasks(args.path) if args.source == "ni-tasks" else open_jsonl(args.path)
 
 

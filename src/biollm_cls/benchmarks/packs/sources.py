@@ -60,43 +60,68 @@ def read_json_records(path: Path, limit: int = 0) -> Iterator[tuple[int, dict]]:
         yield from _read_json_list(path, limit)
         return
     count = 0
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes, decoded per line: a bad byte is reported with its line
+        for lineno, raw in enumerate(handle, start=1):
+            line = _decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where(path, lineno)}: malformed JSON ({exc.msg})") from None
+                raise DataError(f"{where(path, lineno)}: malformed JSON ({exc.msg}); {LINE_FIX}") from None
             if not isinstance(record, dict):
-                raise DataError(f"{where(path, lineno)}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{where(path, lineno)}: expected a JSON object, got {type(record).__name__}; "
+                                f"{LINE_FIX}")
             yield lineno, record
             count += 1
             if limit and count >= limit:
                 return
 
 
+LINE_FIX = "fix or remove the line (JSONL: one JSON object per line)"
+UTF8_FIX = "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or rebuild it"
+
+
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is tolerated
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where(path, lineno)}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                        f"{len(raw[:exc.start].decode('utf-8', 'replace')) + 1}); {UTF8_FIX}") from None
+
+
+def read_utf8(path: Path) -> str:
+    """The text of `path`; DataError naming file:line when it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{where(path, line)}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); {UTF8_FIX}") from None
+
+
 def _read_json_list(path: Path, limit: int) -> Iterator[tuple[int, dict]]:
     data = _load_json(path)
     if not isinstance(data, list):
-        raise DataError(f"{path}: a .json data file must hold a list of objects")
+        raise DataError(f"{path}: a .json data file must hold a list of objects; fix the file (or use JSONL)")
     for index, record in enumerate(data[:limit] if limit else data):
         if not isinstance(record, dict):
-            raise DataError(f"{where(path, index + 1)}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{where(path, index + 1)}: expected a JSON object, got {type(record).__name__}; "
+                            f"fix the record")
         yield index + 1, record
 
 
 def _load_json(path: Path) -> Any:
     try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where(path, exc.lineno)}: malformed JSON ({exc.msg})") from None
+        raise DataError(f"{where(path, exc.lineno)}: malformed JSON ({exc.msg}); fix the file") from None
 
 
 def _required(record: dict, key: str, path: Path, line: int) -> Any:
     if key not in record:
-        raise DataError(f"{where(path, line, key)}: missing field {key!r}")
+        raise DataError(f"{where(path, line, key)}: missing field {key!r}; fix the record (the record has: "
+                        f"{', '.join(map(str, record)) or 'no fields'})")
     return record[key]
 
 

@@ -1,0 +1,136 @@
+"""Run ``python -m biollm_cls.cli train ...`` in this process with ONE fault armed, then let it happen.
+
+    python tests/faults/fault_driver.py '<fault json>' [train overrides ...]
+
+The fault is installed by wrapping a library function (nothing in the library is changed; with no fault,
+``{"point": "none"}``, this is exactly the CLI). ``kill`` faults end the process with SIGKILL, as
+``kill -9`` would, at the chosen point:
+
+* ``wake`` ``{"step": k}``: in step k, after the wake update, before the batch enters replay;
+* ``sleep_step`` ``{"call": n}``: right after the n-th consolidation update (inside a sleep cycle);
+* ``checkpoint_write`` ``{"call": n, "fraction": f}``: the n-th checkpoint's temp file holds the first
+  fraction f of its bytes (a write cut short);
+* ``checkpoint_renamed`` ``{"call": n}``: the n-th checkpoint is renamed into place, the folder not yet synced;
+* ``digest_resave``: a step saved again (the end of a run) has its two-digest record written, the new
+  file not yet renamed: the window in which the old file must still verify;
+* ``finish``: the task matrix and metadata are written, the glossary and summary.json not yet.
+
+``enospc_checkpoint`` ``{"call": n}`` is not a kill: the n-th checkpoint write fails with
+``OSError(ENOSPC)`` after writing part of the file, as on a full disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import signal
+import sys
+
+
+def _kill() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _counter():
+    """A call counter: `hit(n)` is True on the n-th call."""
+    calls = {"n": 0}
+
+    def hit(n: int) -> bool:
+        calls["n"] += 1
+        return calls["n"] == n
+
+    return hit
+
+
+def install(fault: dict) -> None:
+    point = fault["point"]
+    hit = _counter()
+    if point == "none":
+        return
+    if point == "wake":
+        import biollm_cls.train as train
+
+        real = train.remember
+
+        def remember(*args, **kwargs):
+            if kwargs.get("step", args[-1]) == fault["step"]:  # remember(run, batch, rows, wake, step)
+                _kill()
+            return real(*args, **kwargs)
+
+        train.remember = remember
+    elif point == "sleep_step":
+        import biollm_cls.sleep as sleep
+
+        real = sleep.sleep_step
+
+        def sleep_step(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if hit(fault["call"]):
+                _kill()
+            return out
+
+        sleep.sleep_step = sleep_step
+    elif point in ("checkpoint_write", "enospc_checkpoint"):
+        import torch
+
+        real = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if not hit(fault["call"]):
+                return real(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: int(len(data) * fault.get("fraction", 0.5))])
+            f.flush()
+            if point == "enospc_checkpoint":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            _kill()
+
+        torch.save = save
+    elif point == "checkpoint_renamed":
+        import biollm_cls.checkpoint as checkpoint
+
+        real = checkpoint.fsync_dir
+
+        def fsync_dir(folder):
+            if hit(fault["call"]):
+                _kill()
+            return real(folder)
+
+        checkpoint.fsync_dir = fsync_dir
+    elif point == "digest_resave":
+        import biollm_cls.checkpoint as checkpoint
+
+        real = checkpoint._write_digests
+
+        def write_digests(digest_file, tmp, name, digests):
+            real(digest_file, tmp, name, digests)
+            if len(digests) > 1:
+                _kill()
+
+        checkpoint._write_digests = write_digests
+    elif point == "finish":
+        import biollm_cls.train as train
+
+        def write_glossary(directory):
+            _kill()
+
+        train.write_glossary = write_glossary
+    else:
+        raise SystemExit(f"unknown fault point {point!r}")
+
+
+def main(argv: list[str]) -> int:
+    install(json.loads(argv[0]))
+    from biollm_cls.cli import main as cli_main
+
+    return cli_main(["train", *argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
