@@ -4,6 +4,11 @@
 
 if config["pack"]:
 
+    # On a cluster it runs on the submitting host: the hf source downloads, and compute nodes often
+    # have no internet (the synthetic pack takes seconds anyway).
+    localrules:
+        build_pack,
+
     rule build_pack:
         output:
             **pack_files(),
