@@ -74,3 +74,23 @@ def test_sleep_rows_log_the_pressure_the_scheduler_decided_on(tmp_path):
     sleeps = [r for r in rows if r["kind"] == "step" and r["sleep_steps"] > 0]
     assert sleeps, "the low threshold must trigger pressure sleeps"
     assert all(r["sleep_pressure"] >= 0.01 for r in sleeps)  # what triggered them, not the reset value
+
+
+def test_a_non_finite_wake_step_stores_nothing(tmp_path):
+    """Issue 11.2: the episodes of a skipped (non-finite) wake step carried NaN teachers and losses into replay."""
+    import dataclasses
+
+    import torch
+
+    from biollm_cls.train import build_run, remember, wake_batch
+    from biollm_cls.wake import wake_step
+
+    cfg = load_config([*SMALL, "ablation=full_cls", f"logging.output_dir={tmp_path / 'run'}"])
+    run = build_run(cfg)
+    batch, rows, teacher = wake_batch(run, 1)
+    wake = wake_step(run.learner, batch, cfg, run.ewc, rows, keep_teacher=True, replay_teacher=teacher)
+    poisoned = dataclasses.replace(wake, applied=False, row_loss=torch.full_like(wake.row_loss, float("nan")))
+    remember(run, batch, rows, poisoned, 1)
+    assert len(run.replay) == 0 and run.state.non_finite_step_count == 1
+    remember(run, batch, rows, wake, 2)
+    assert len(run.replay) == rows

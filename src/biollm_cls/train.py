@@ -239,7 +239,7 @@ def remember(run: Run, batch: Batch, stream_rows: int, wake: WakeOutcome, step: 
                            forward_passes=int(wake.teacher_values is not None))
     new = Batch(batch.input_ids[:stream_rows], batch.targets[:stream_rows], batch.attention_mask[:stream_rows],
                 batch.task_ids[:stream_rows])
-    if run.replay is not None:
+    if run.replay is not None and wake.applied:  # a skipped (non-finite) step stores nothing: no NaN teachers
         for episode in episodes_from_batch(new, step, wake.expert_ids, wake.expert_weights, wake.row_loss,
                                            wake.teacher_values, wake.teacher_ids):
             run.replay.add(episode)
