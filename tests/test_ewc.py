@@ -223,3 +223,62 @@ def test_row_sparse_storage_is_exact_for_rows_that_were_never_used():
     assert torch.allclose(sparse.penalty(m_sparse), dense.penalty(m_dense), rtol=1e-6)
     assert torch.equal(m_sparse.emb.weight.grad, m_dense.emb.weight.grad)
     assert torch.equal(m_sparse.head.weight.grad, m_dense.head.weight.grad)
+
+
+# ---- the penalty under fp16 loss scaling (issue 11.1) ---------------------------------------------------
+PENALTY = 10.0  # lambda * F * (theta - theta*) per element: lambda 10, F 1, theta - theta* = 1
+SCALE = 1024.0
+
+
+def _penalised_update(tiny_cfg, make_learner, path: str, scaled: bool, ewc_on: bool) -> dict[str, torch.Tensor]:
+    """One base update through the real sleep/wake code on a fixed batch; the base's gradients as stepped.
+
+    `scaled`: a GradScaler (CPU) multiplies the loss by SCALE before the backward, as fp16 autocast on CUDA does.
+    The gradients that reach the optimizer are the ones left in ``.grad`` (unscale_ works in place)."""
+    from biollm_cls.learner import Precision
+    from biollm_cls.sleep import sleep_step
+    from biollm_cls.wake import wake_step
+
+    cfg = tiny_cfg
+    cfg.train.grad_clip = 0.0  # clipping is not additive: keep the sum of the two gradients visible
+    cfg.consolidation.target_ce_weight = 1.0
+    cfg.consolidation.wake_base_lr_scale = 1.0  # wake trains the base too (one backward, two optimizers)
+    learner = make_learner(cfg)
+    if scaled:
+        learner.precision = Precision(torch.device("cpu"), False, torch.float16,
+                                      torch.amp.GradScaler("cpu", init_scale=SCALE))
+    ewc = OnlineEWC(lambda_=PENALTY if ewc_on else 0.0, decay=1.0)
+    if ewc_on:
+        for name, p in learner.neocortex.named_parameters():
+            ewc.fisher[name] = torch.ones_like(p)
+            ewc.anchor[name] = p.detach().clone() - 1.0
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 4, cfg.model.seq_len, cfg.model.vocab_size
+    batch = Batch(torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g),
+                  torch.ones(B, T, dtype=torch.bool), torch.zeros(B, dtype=torch.long))
+    if path == "sleep":
+        _, _, applied = sleep_step(learner, batch, None, None, B, cfg, ewc)
+        assert applied
+    else:
+        assert wake_step(learner, batch, cfg, ewc, B, keep_teacher=False).applied
+    if scaled:
+        assert learner.precision.scaler.get_scale() == SCALE  # the step was not skipped as overflowing
+    return {n: p.grad.detach().clone() for n, p in learner.neocortex.named_parameters()}
+
+
+@pytest.mark.parametrize("path", ["sleep", "wake"])
+def test_penalty_gradient_is_not_divided_by_the_fp16_loss_scale(tiny_cfg, make_learner, path):
+    """Issue 11.1: the penalty gradient was added to gradients still multiplied by the GradScaler's scale and
+    unscaled with them, so at scale 1024 an expected 10.0 arrived as 0.0098 (fp16 EWC silently off)."""
+    import copy
+
+    grads = {(scaled, ewc_on): _penalised_update(copy.deepcopy(tiny_cfg), make_learner, path, scaled, ewc_on)
+             for scaled in (False, True) for ewc_on in (False, True)}
+    for name, plain in grads[(False, False)].items():
+        assert plain.abs().sum() > 0, f"{name}: the loss has no gradient here, the check would be vacuous"
+        # the loss's own gradient is the same with and without loss scaling
+        assert torch.allclose(grads[(True, False)][name], plain, rtol=1e-4, atol=1e-6), name
+        for scaled in (False, True):
+            penalty = grads[(scaled, True)][name] - grads[(scaled, False)][name]
+            got = penalty.flatten()[(penalty - PENALTY).abs().argmax()].item()
+            assert abs(got - PENALTY) < 1e-3, f"{name} (scaled={scaled}): penalty gradient {got:.6g}, expected {PENALTY}"

@@ -13,7 +13,9 @@ per position; not the squared minibatch-mean gradient). Sequences are processed 
 estimate does not depend on the batch size.
 
 The penalty gradient ``lambda * F * (theta - theta*)`` is added to ``.grad`` in place after the one backward
-of each base update (no second backward, no autograd graph through the penalty). With ``lambda = 0`` nothing
+of each base update (no second backward, no autograd graph through the penalty), and after the fp16
+GradScaler's unscale (``Learner.step_optimizer(add_grad=...)``): the loss's gradients are then at their true
+scale, so the penalty is not divided by the loss scale. With ``lambda = 0`` nothing
 is estimated, stored or applied.
 """
 
@@ -68,7 +70,7 @@ class OnlineEWC:
 
     @torch.no_grad()
     def add_penalty_grad(self, model: nn.Module) -> None:
-        """grad += lambda * F * (theta - theta*), after the backward of a base update."""
+        """grad += lambda * F * (theta - theta*), after the backward (and the fp16 unscale) of a base update."""
         if not self.active:
             return
         group: list[tuple[torch.Tensor, ...]] = []

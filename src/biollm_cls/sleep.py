@@ -13,7 +13,8 @@ Loss per step (the student is the base alone, in train mode; every teacher runs 
 
 The teacher is a top-k distribution (Hinton et al., 2015, restricted to the teacher's k largest logits,
 renormalised): stored at wake time (``replay.teacher=stored_topk``) or recomputed from the current system
-(``recompute``). The online-EWC penalty gradient is added after the single backward (see ``ewc.py``).
+(``recompute``). The online-EWC penalty gradient is added after the single backward, at the gradients' true scale (after
+the fp16 GradScaler's unscale; see ``ewc.py``).
 ``distill_kl`` is measured on a fixed replay probe before and after the cycle.
 """
 
@@ -244,9 +245,8 @@ def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: to
     if not torch.isfinite(loss):
         return distill.detach(), target_ce.detach(), False
     learner.backward(loss)
-    ewc.add_penalty_grad(learner.neocortex)
     learner.step_optimizer(learner.base_optimizer, learner.base_parameters(), cfg.consolidation.slow_lr,
-                           cfg.train.grad_clip)
+                           cfg.train.grad_clip, add_grad=lambda: ewc.add_penalty_grad(learner.neocortex))
     learner.end_update()
     return distill.detach(), target_ce.detach(), True
 

@@ -125,9 +125,9 @@ def _update(learner: Learner, loss: torch.Tensor, cfg: RunConfig, ewc: OnlineEWC
     if hip is not None:
         learner.step_optimizer(learner.fast_optimizer, list(hip.parameters()), cfg.experts.fast_lr * mult, clip)
         hip.update_drift()
-    if base_lr > 0:
-        ewc.add_penalty_grad(learner.neocortex)
-        learner.step_optimizer(learner.base_optimizer, learner.base_parameters(), base_lr, clip)
+    if base_lr > 0:  # the EWC penalty joins the base's gradients after the fp16 unscale (Learner.step_optimizer)
+        learner.step_optimizer(learner.base_optimizer, learner.base_parameters(), base_lr, clip,
+                               add_grad=lambda: ewc.add_penalty_grad(learner.neocortex))
     learner.end_update()
 
 
