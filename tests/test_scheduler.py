@@ -85,3 +85,35 @@ def test_state_dict_round_trip():
 def test_clip01():
     assert clip01(float("nan")) == 0.0
     assert clip01(-0.5) == 0.0 and clip01(1.7) == 1.0 and clip01(0.25) == 0.25
+
+
+def test_a_non_finite_forgetting_probe_is_no_reading(tiny_cfg, tmp_path):
+    """Issue 11.2: a NaN probe loss went through clip01 and became a forgetting signal of 0.0 ("nothing is
+    forgotten"), which lowers the sleep pressure; it must leave the last reading in place instead."""
+    import math
+
+    from biollm_cls.train import build_run, pressure_signals, remember, wake_batch
+    from biollm_cls.wake import wake_step
+
+    cfg = tiny_cfg
+    cfg.logging.output_dir = str(tmp_path / "run")
+    cfg.scheduler.probe_interval = 1  # every step probes
+    run = build_run(cfg)
+    steps = cfg.benchmark.switch_every  # task 0, then one step of task 1
+    for step in range(1, steps + 2):
+        batch, rows, teacher = wake_batch(run, step)
+        wake = wake_step(run.learner, batch, cfg, run.ewc, rows, keep_teacher=False, replay_teacher=teacher)
+        remember(run, batch, rows, wake, step)
+    task = 1
+    signals = pressure_signals(run, wake, steps + 1, task)  # a real reading on task-0 episodes
+    assert math.isfinite(signals.forgetting) and math.isfinite(run.state.old_task_loss)
+    run.state.forgetting_signal = 0.4  # the last reading, as a value the probe cannot produce by chance
+    real_logits = run.learner.logits
+    run.learner.logits = lambda hidden: real_logits(hidden) * float("nan")  # the system's output is NaN
+    try:
+        signals = pressure_signals(run, wake, steps + 2, task)
+    finally:
+        del run.learner.logits
+    assert signals.forgetting == 0.4, "a NaN probe must not read as 'nothing forgotten'"
+    assert run.state.forgetting_signal == 0.4 and run.scheduler.signals.forgetting == 0.4
+    assert math.isfinite(run.scheduler.pressure)

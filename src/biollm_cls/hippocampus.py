@@ -136,8 +136,11 @@ class Hippocampus(nn.Module):
                 gates = gates.mean(1)
         share = gates.mean(0)  # (E,), sums to 1
         d = self.cfg.usage_decay
-        self.usage.mul_(d).add_(share, alpha=1.0 - d)
-        self.activation_counts.add_((gates > 0).float().sum(0))
+        # A non-finite forward (NaN/Inf in the hidden state) is no experience: it leaves the statistics as they
+        # were (a NaN usage would stay in the EMA and the router's adjustment for good). Masked, no host sync.
+        finite = torch.isfinite(share).all()
+        self.usage.copy_(torch.where(finite, self.usage.mul(d).add(share, alpha=1.0 - d), self.usage))
+        self.activation_counts.add_((gates > 0).float().sum(0) * finite)
 
     def routing_regulariser(self, routing: Routing, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Switch-Transformer load-balancing loss E * sum_e f_e * P_e (1 when perfectly balanced)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,6 +61,7 @@ class RunState:
     base_updates_in_sleep: int = 0
     non_finite_step_count: int = 0
     first_non_finite_step: int = -1
+    non_finite_sleep_step_count: int = 0  # consolidation updates skipped because their loss was NaN/Inf
     routing_ema: list[float] | None = None  # slow running average of routing shares
     routing_fast: list[float] | None = None
     loss_ema: float | None = None
@@ -252,7 +254,9 @@ def remember(run: Run, batch: Batch, stream_rows: int, wake: WakeOutcome, step: 
 def pressure_signals(run: Run, wake: WakeOutcome, step: int, task: int) -> PressureSignals:
     st, hip, sc = run.state, run.learner.hippocampus, run.cfg.scheduler
     novelty = 0.0
-    if wake.expert_share is not None:  # routing shift: a fast vs a slow running average of expert shares
+    # routing shift: a fast vs a slow running average of expert shares (a non-finite step's routing is no
+    # reading: it would stay in both averages for good)
+    if wake.expert_share is not None and bool(torch.isfinite(wake.expert_share).all()):
         share = wake.expert_share.tolist()
         fast = st.routing_fast or share
         slow = st.routing_ema or share
@@ -265,16 +269,26 @@ def pressure_signals(run: Run, wake: WakeOutcome, step: int, task: int) -> Press
         st.loss_ema = wake.loss if st.loss_ema is None else sc.novelty_decay * st.loss_ema + (
             1 - sc.novelty_decay) * wake.loss
     if run.sleeps and run.plan is None and step % sc.probe_interval == 0:
-        st.forgetting_signal, st.old_task_loss = forgetting_probe(run, task)
+        probe_forgetting(run, task)
     saturation = float(hip.saturation_ratio()) if hip is not None else 0.0
     signals = PressureSignals(saturation=saturation, novelty=clip01(novelty), forgetting=st.forgetting_signal)
     run.scheduler.update(signals)
     return signals
 
 
+def probe_forgetting(run: Run, task: int) -> None:
+    """Update the forgetting signal from a probe. A non-finite probe (NaN/Inf system loss) is no reading: the
+    signal keeps its last value (clip01 would turn NaN into 0.0, "nothing forgotten", and lower the pressure);
+    `old_task_loss` records what the probe measured (null in the metrics row)."""
+    signal, run.state.old_task_loss = forgetting_probe(run, task)
+    if signal is not None:
+        run.state.forgetting_signal = signal
+
+
 @torch.no_grad()
-def forgetting_probe(run: Run, task: int) -> tuple[float, float]:
-    """Loss rise of the system on replayed episodes of seen, non-current tasks since they were experienced."""
+def forgetting_probe(run: Run, task: int) -> tuple[float | None, float]:
+    """Loss rise of the system on replayed episodes of seen, non-current tasks since they were experienced:
+    (signal in [0, 1], or None when the probe's loss is not finite; mean probe loss)."""
     episodes = run.replay.sample(run.cfg.scheduler.probe_size, exclude_task=task) if run.replay else []
     if not episodes:
         return 0.0, float("nan")
@@ -288,6 +302,8 @@ def forgetting_probe(run: Run, task: int) -> tuple[float, float]:
     now_loss = per_row_mean(token, supervised_rows(batch.supervised), len(episodes)).cpu()
     then = torch.tensor([e.wake_loss for e in episodes])
     rise = (now_loss - then).clamp(min=0).mean().item()
+    if not math.isfinite(rise):
+        return None, now_loss.mean().item()
     return clip01(rise / run.cfg.scheduler.forgetting_scale), now_loss.mean().item()
 
 
@@ -318,6 +334,7 @@ def maybe_sleep(run: Run, step: int, task: int, bar) -> tuple[SleepReport, Refre
     st = run.state
     st.sleep_count += 1
     st.base_updates_in_sleep += report.steps
+    st.non_finite_sleep_step_count += report.skipped_steps
     st.refresh_count_total += refresh.refresh_count
     rows_per_step = round((report.replay_batch_size_sleep + report.pseudo_batch_size)) if report.steps else 0
     st.sleep_log.append([step, report.steps, rows_per_step])
@@ -328,7 +345,7 @@ def maybe_sleep(run: Run, step: int, task: int, bar) -> tuple[SleepReport, Refre
     if run.plan is None and step % run.cfg.scheduler.probe_interval != 0:
         # Forgetting is measured again on the consolidated system, so the signal reflects what sleep repaired
         # (otherwise it held its pre-sleep value until the next probe and drove the next sleep as a timer).
-        st.forgetting_signal, st.old_task_loss = forgetting_probe(run, task)
+        probe_forgetting(run, task)
     return report, refresh
 
 
@@ -385,13 +402,14 @@ def step_row(run: Run, step: int, task: int, wake: WakeOutcome, signals: Pressur
         "routing_reg": wake.routing_reg, "fast_update_applied": int(wake.applied and hip is not None),
         "batch_supervised_tokens": wake.supervised_tokens,
         "batch_supervised_fraction": wake.supervised_tokens / max(wake.batch_tokens, 1),
-        "replay_size": len(replay) if replay else 0, "replay_added_this_step": wake.row_loss.numel() if replay else 0,
+        "replay_size": len(replay) if replay else 0, "replay_added_this_step": wake.row_loss.numel() if replay and wake.applied else 0,
         "sleep_pressure": pressure, "saturation_ratio": signals.saturation,
         "novelty_rate": signals.novelty, "forgetting_index": signals.forgetting, "old_task_loss": st.old_task_loss,
         "sleep_count": st.sleep_count, "sleep_steps": sleep.steps,
         "expert_util_entropy": float(hip.utilization_entropy()) if hip is not None else 0.0,
         "refresh_count": refresh.refresh_count, "refresh_avg_kl": refresh.refresh_avg_kl,
         "non_finite_step_count": st.non_finite_step_count, "first_non_finite_step": st.first_non_finite_step,
+        "non_finite_sleep_step_count": st.non_finite_sleep_step_count,
         "replay_bytes_per_episode": replay.bytes_per_episode() if replay else 0.0,
     }
     row.update({k: v for k, v in asdict(sleep).items() if k not in _LEDGER_ONLY})
@@ -416,6 +434,7 @@ def finish(run: Run, log: MetricsLog) -> dict:
             "sleep_count": st.sleep_count, "refresh_count_total": st.refresh_count_total,
             "base_updates_in_sleep": st.base_updates_in_sleep, "non_finite_step_count": st.non_finite_step_count,
             "first_non_finite_step": st.first_non_finite_step,
+            "non_finite_sleep_step_count": st.non_finite_sleep_step_count,
             "replay_bytes_per_episode": run.replay.bytes_per_episode() if run.replay else 0.0,
             "replay_bytes_total": run.replay.bytes_total() if run.replay else 0,
             "replay_size": len(run.replay) if run.replay else 0,

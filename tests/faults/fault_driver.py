@@ -17,6 +17,17 @@ The fault is installed by wrapping a library function (nothing in the library is
 
 ``enospc_checkpoint`` ``{"call": n}`` is not a kill: the n-th checkpoint write fails with
 ``OSError(ENOSPC)`` after writing part of the file, as on a full disk.
+
+Non-finite faults are not kills either; ``value`` is ``"nan"``, ``"inf"`` or ``"-inf"``:
+
+* ``nonfinite_wake`` ``{"step": k, "value": v}``: in wake step k one element of the hidden state that enters
+  the hippocampus is v (so routing, usage statistics, the delta, the loss and the post-update teacher of that
+  step are all non-finite);
+* ``nonfinite_sleep`` ``{"call": n, "value": v}``: in the n-th consolidation update the base's first logit row
+  is v (the sleep loss is non-finite).
+
+``install(fault, patch)`` takes the function that replaces a module attribute: ``setattr`` in the driver's
+own process, ``monkeypatch.setattr`` for a fault installed inside a test process.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ def _counter():
     return hit
 
 
-def install(fault: dict) -> None:
+def install(fault: dict, patch=setattr) -> None:
     point = fault["point"]
     hit = _counter()
     if point == "none":
@@ -61,7 +72,7 @@ def install(fault: dict) -> None:
                 _kill()
             return real(*args, **kwargs)
 
-        train.remember = remember
+        patch(train, "remember", remember)
     elif point == "sleep_step":
         import biollm_cls.sleep as sleep
 
@@ -73,7 +84,7 @@ def install(fault: dict) -> None:
                 _kill()
             return out
 
-        sleep.sleep_step = sleep_step
+        patch(sleep, "sleep_step", sleep_step)
     elif point in ("checkpoint_write", "enospc_checkpoint"):
         import torch
 
@@ -91,7 +102,7 @@ def install(fault: dict) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             _kill()
 
-        torch.save = save
+        patch(torch, "save", save)
     elif point == "checkpoint_renamed":
         import biollm_cls.checkpoint as checkpoint
 
@@ -102,7 +113,7 @@ def install(fault: dict) -> None:
                 _kill()
             return real(folder)
 
-        checkpoint.fsync_dir = fsync_dir
+        patch(checkpoint, "fsync_dir", fsync_dir)
     elif point == "digest_resave":
         import biollm_cls.checkpoint as checkpoint
 
@@ -113,14 +124,59 @@ def install(fault: dict) -> None:
             if len(digests) > 1:
                 _kill()
 
-        checkpoint._write_digests = write_digests
+        patch(checkpoint, "_write_digests", write_digests)
     elif point == "finish":
         import biollm_cls.train as train
 
         def write_glossary(directory):
             _kill()
 
-        train.write_glossary = write_glossary
+        patch(train, "write_glossary", write_glossary)
+    elif point == "nonfinite_wake":
+        import biollm_cls.train as train
+
+        real, value = train.wake_step, float(fault["value"])
+
+        def wake_step(learner, *args, **kwargs):
+            if not hit(fault["step"]):  # wake_step runs once per step: the k-th call is step k
+                return real(learner, *args, **kwargs)
+            hippocampus = learner.hippocampus
+            forward = hippocampus.forward
+
+            def poisoned(h, *a, **k):
+                h = h.clone()
+                h[0, 0, 0] = value
+                return forward(h, *a, **k)
+
+            hippocampus.forward = poisoned
+            try:
+                return real(learner, *args, **kwargs)
+            finally:
+                del hippocampus.forward
+
+        patch(train, "wake_step", wake_step)
+    elif point == "nonfinite_sleep":
+        import biollm_cls.sleep as sleep
+
+        real, value = sleep.sleep_step, float(fault["value"])
+
+        def sleep_step(learner, *args, **kwargs):
+            if not hit(fault["call"]):
+                return real(learner, *args, **kwargs)
+            logits = learner.logits
+
+            def poisoned(hidden):
+                out = logits(hidden).clone()
+                out[0] = value
+                return out
+
+            learner.logits = poisoned
+            try:
+                return real(learner, *args, **kwargs)
+            finally:
+                del learner.logits
+
+        patch(sleep, "sleep_step", sleep_step)
     else:
         raise SystemExit(f"unknown fault point {point!r}")
 

@@ -41,7 +41,7 @@ SUMMARY_EXTRA_METRICS = ["final_seen_loss_avg", "plasticity", "tasks_completed",
 COUNTERS = [
     "sleep_count", "refresh_count_total", "base_updates_in_sleep", "non_finite_step_count",
     "first_non_finite_step", "replay_size", "replay_bytes_per_episode", "replay_bytes_total", "wall_time_s",
-    "steps_per_s",
+    "steps_per_s", "non_finite_sleep_step_count",
 ]
 # The budget ledger (summary.json "budget", see biollm_cls/budget.py): what each run spent.
 BUDGET = [
@@ -67,7 +67,7 @@ TASK_MATRIX_COLUMNS = ID_COLUMNS + ["boundary_index", "task_id", "task_name"] + 
 INT_COLUMNS = {
     "seed", "step", "boundary_index", "boundary_step", "tasks_completed", "task_id", "n_tokens", "num_tasks",
     "steps", "sleep_count", "refresh_count_total", "base_updates_in_sleep", "non_finite_step_count",
-    "first_non_finite_step", "replay_size", "replay_bytes_total", *BUDGET,
+    "first_non_finite_step", "replay_size", "replay_bytes_total", "non_finite_sleep_step_count", *BUDGET,
 }
 
 TABLE_COLUMNS = {
