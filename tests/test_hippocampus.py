@@ -74,6 +74,31 @@ def test_routing_shapes_and_topk_weights(routing):
     assert torch.allclose(r.gates.gather(-1, top_i), top_p / top_p.sum(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_delta_has_the_hidden_shape_and_uses_only_k_experts(routing):
+    hip = make_hip(randomize=True, routing=routing, top_k=1)
+    h = torch.randn(3, 5, H)
+    delta, r = hip(h)
+    assert delta.shape == h.shape
+    # with k=1 each sequence (token) gets exactly the output of its one selected expert
+    ids = r.expert_ids.squeeze(-1)  # (B,) or (B, T)
+    with torch.no_grad():
+        for b in range(3):
+            for t in range(5):
+                e = int(ids[b] if routing == "sequence" else ids[b, t])
+                assert torch.allclose(delta[b, t], naive_expert(hip, e, h[b, t]), atol=1e-5), (b, t)
+
+
+def test_a_fully_reset_expert_adds_nothing():
+    hip, opt = _trained_hip_and_optimizer()
+    h = torch.randn(2, 3, H)
+    with torch.no_grad():
+        assert hip.apply_selected(h, torch.tensor([[1], [1]])).abs().sum() > 0  # trained: it did something
+        hip.partial_reset_expert([1], 0.0, opt)  # output layers back to their zero init
+        assert torch.equal(hip.apply_selected(h, torch.tensor([[1], [1]])), torch.zeros_like(h))
+        assert hip.apply_selected(h, torch.tensor([[2], [2]])).abs().sum() > 0  # the others are untouched
+
+
 def test_pooled_routing_ignores_padding():
     hip = make_hip(randomize=True)
     h = torch.randn(2, 6, H)
@@ -90,11 +115,11 @@ def test_pooled_routing_ignores_padding():
     h3 = h.clone()
     h3[0, 0] += 10.0
     assert not torch.allclose(hip.route(h3, mask).router_probs[0], r1.router_probs[0])
-    # pooled = mean over the real positions only
-    pooled = torch.stack([h[0, :3].mean(0), h[1, :5].mean(0)])
-    adjust = torch.full((E,), 0.0)  # fresh usage (1/E each) and zero drift -> the same adjustment for all
-    expected = torch.softmax(hip.router(pooled) + adjust, -1)
-    assert torch.allclose(r1.router_probs, expected, atol=1e-6)
+    # ...and a padded sequence is routed exactly as the same sequence alone, cut to its real positions
+    for b, length in ((0, 3), (1, 5)):
+        alone = hip.route(h[b : b + 1, :length], None)
+        assert torch.allclose(alone.router_probs, r1.router_probs[b : b + 1], atol=1e-6)
+        assert torch.equal(alone.expert_ids, r1.expert_ids[b : b + 1])
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -139,9 +164,14 @@ def test_routing_regulariser_has_router_gradient_and_is_one_when_balanced():
     reg.backward()
     assert hip.router.weight.grad is not None and hip.router.weight.grad.abs().sum() > 0
     assert hip.router.bias.grad.abs().sum() > 0
-    # hand value: E * sum_e f_e * P_e with f = selection fraction / k
-    f = (r.gates > 0).float().mean(0) / 2
-    assert reg.item() == pytest.approx(E * float((f * r.router_probs.detach().mean(0)).sum()), rel=1e-6)
+    # every row sent to the same k experts with all the probability: the worst imbalance, E/k
+    skewed = make_hip()
+    with torch.no_grad():
+        skewed.router.weight.zero_()
+        skewed.router.bias.copy_(torch.tensor([30.0, 30.0, -30.0, -30.0]))
+    _, rs = skewed(torch.randn(5, 3, H))
+    assert set(rs.expert_ids.flatten().tolist()) == {0, 1}
+    assert skewed.routing_regulariser(rs).item() == pytest.approx(E / 2, rel=1e-4)
     # a zero router with fresh usage gives uniform probabilities: the loss is exactly its balanced value, 1
     flat = make_hip()
     with torch.no_grad():
@@ -151,15 +181,43 @@ def test_routing_regulariser_has_router_gradient_and_is_one_when_balanced():
     assert flat.routing_regulariser(r0).item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_descending_the_routing_regulariser_balances_the_load():
+    """What the regulariser is for: minimising it alone spreads a skewed router's selections over the experts."""
+    hip = make_hip(randomize=True)
+    with torch.no_grad():
+        hip.router.bias.copy_(torch.tensor([3.0, 2.5, -2.0, -2.0]))  # experts 0 and 1 take almost everything
+    h = torch.randn(64, 3, H)
+    opt = torch.optim.SGD(hip.router.parameters(), lr=0.5)
+
+    def load() -> tuple[float, torch.Tensor]:
+        _, r = hip(h)
+        return hip.routing_regulariser(r), (r.gates > 0).float().mean(0)  # (E,) share of rows selecting e
+
+    before, share_before = load()
+    for _ in range(100):
+        opt.zero_grad()
+        load()[0].backward()
+        opt.step()
+    after, share_after = load()
+    assert after.item() < before.item() - 0.2
+    assert share_after.min() > share_before.min() + 0.1  # the starved experts now get rows
+    assert share_after.max() < share_before.max()
+
+
 def test_token_routing_regulariser_skips_padding():
     hip = make_hip(randomize=True, routing="token")
     h = torch.randn(2, 4, H)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
     _, r = hip(h, mask)
     reg = hip.routing_regulariser(r, mask)
-    probs, sel = r.router_probs[mask], (r.gates[mask] > 0).float()
-    expected = E * float((sel.mean(0) / 2 * probs.detach().mean(0)).sum())
-    assert reg.detach().item() == pytest.approx(expected, rel=1e-6)
+    # the same real tokens as one unpadded sequence give the same value: padding counts for nothing
+    real = torch.cat([h[0, :2], h[1, :3]]).unsqueeze(0)  # (1, 5, H)
+    _, r_real = hip(real)
+    assert reg.item() == pytest.approx(hip.routing_regulariser(r_real).item(), rel=1e-6)
+    garbage = h.clone()
+    garbage[~mask] = 1e3 * torch.randn(int((~mask).sum()), H)
+    _, r_garbage = hip(garbage, mask)
+    assert hip.routing_regulariser(r_garbage, mask).item() == pytest.approx(reg.item(), rel=1e-6)
 
 
 def test_usage_ema_tracking():

@@ -160,7 +160,48 @@ def test_every_ablation_runs(tmp_path, ablation):
     if ablation == "no_refresh":
         assert summary["counters"]["refresh_count_total"] == 0
     if ablation == "no_hippocampus":
-        assert summary["views"]["system"] == summary["views"]["base"]
+        _assert_system_view_is_the_trained_base(out, summary, f"ablation={ablation}", "benchmark.num_tasks=2",
+                                                "benchmark.switch_every=30")
+
+
+def _assert_system_view_is_the_trained_base(out: Path, summary: dict, *overrides: str) -> None:
+    """Without a hippocampus the deployed system is the base. Its recorded scores at the last boundary must be
+    the trained neocortex's: re-evaluated here from the final checkpoint with the model's own full forward (not
+    the trainer's evaluation path), and different from the untrained base's (so that the agreement is not two
+    equal untrained models)."""
+    import torch
+
+    from biollm_cls.benchmarks import build_stream
+    from biollm_cls.checkpoint import list_checkpoints, load_checkpoint
+    from biollm_cls.neocortex import full_logits
+    from biollm_cls.train import build_learner
+
+    cfg = load_config([*SMALL, *overrides, f"logging.output_dir={out}"])
+    stream = build_stream(cfg)
+    torch.manual_seed(cfg.seed)
+    learner = build_learner(cfg, torch.device("cpu"))
+    assert learner.hippocampus is None
+
+    @torch.no_grad()
+    def accuracy(task: int) -> float:
+        learner.neocortex.eval()
+        hits = tokens = 0
+        for batch in stream.heldout(task, 7):  # another batch size than the trainer's
+            sup = batch.supervised
+            logits = full_logits(learner.neocortex, batch.input_ids, batch.attention_mask)  # (B, T, V)
+            hits += int((logits[sup].argmax(-1) == batch.targets[sup]).sum())
+            tokens += int(sup.sum())
+        return hits / tokens
+
+    untrained = [accuracy(t) for t in range(2)]
+    learner.neocortex.load_state_dict(load_checkpoint(list_checkpoints(out)[-1], "cpu")["neocortex"])
+    last = summary["views"]["system"]["tasks_completed"] - 1
+    recorded = {int(r["task_id"]): float(r["token_acc"]) for r in csv.DictReader((out / "task_matrix.csv").open())
+                if r["view"] == "system" and int(r["boundary_index"]) == last}
+    assert sorted(recorded) == [0, 1]
+    for task, acc in recorded.items():
+        assert acc == pytest.approx(accuracy(task), abs=1e-9), f"task {task}: the system view is not the base's"
+    assert recorded[last] > 5 * CHANCE and recorded[last] > untrained[last] + 0.2  # the base itself learned
 
 
 def test_seq_ft_forgets(tmp_path):
