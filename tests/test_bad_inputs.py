@@ -154,6 +154,13 @@ def _checkpoints_without_config(i: Inputs) -> list[str]:
     return i.toy()
 
 
+def _restart_stale_on_a_folder_without_a_run(i: Inputs) -> list[str]:
+    out = i.tmp / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone's notes")
+    return ["train", "--restart-stale", *TOY, f"logging.output_dir={out}"]
+
+
 def _pack_without_pretrain(i: Inputs) -> list[str]:
     pack = i.copy_pack()
     (pack / "pretrain.jsonl").unlink()
@@ -272,6 +279,8 @@ CASES = [
          "holds checkpoints but no readable validated_config.json", "use another logging.output_dir"),
     Case("run dir", "every checkpoint truncated", lambda i: i.toy(out=_break_all_checkpoints(i.resumable_run())),
          "no intact checkpoint in", "delete"),
+    Case("run dir", "`--restart-stale` (the pipeline's) on a non-empty folder that holds no run",
+         _restart_stale_on_a_folder_without_a_run, "is not empty and holds no run", "choose another logging.output_dir"),
     # -- build-pack and pretrain
     Case("build-pack", "option of the wrong type (`--num-tasks abc`)",
          lambda i: _build_pack(i, None, "--source", "synthetic", "--num-tasks", "abc"),

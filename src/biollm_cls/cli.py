@@ -1,7 +1,11 @@
 """Command line: ``python -m biollm_cls.cli <command> [...]``.
 
 Commands:
-  train [group=preset ...] [dotted.key=value ...]   run one continual-learning run
+  train [--restart-stale] [group=preset ...] [dotted.key=value ...]
+                                                    run one continual-learning run; the same command on
+                                                    the same output dir resumes it. --restart-stale: a dir
+                                                    it cannot resume (another config, library or input,
+                                                    a completed run) is deleted and the run starts over
   show-config [overrides] [--flat]                  print the resolved config (YAML, or dotted keys)
   check-device [--require-cuda]                     JSON facts about the accelerator (exit 1: CUDA required but absent)
   build-pack ...                                    build a data pack (NI8, local NI tasks, JSONL, synthetic)
@@ -65,6 +69,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def _train(argv: list[str]) -> int:
     from biollm_cls.config import ConfigError, load_config
 
+    restart_stale = "--restart-stale" in argv
+    argv = [a for a in argv if a != "--restart-stale"]
     try:
         cfg = load_config(argv)
     except ConfigError as exc:
@@ -72,7 +78,7 @@ def _train(argv: list[str]) -> int:
     from biollm_cls.train import RunError, run_training
 
     try:
-        summary = run_training(cfg)
+        summary = run_training(cfg, restart_stale=restart_stale)
     except (*_expected_errors(), RunError) as exc:
         return _fail(str(exc))
     except OSError as exc:

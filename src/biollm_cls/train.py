@@ -9,7 +9,9 @@
 5. LOG: one metrics row per step (``metrics.jsonl``; mirrored to W&B when enabled).
 
 Everything a run used is recorded next to its outputs (docs/run_outputs.md). Re-running the same
-command on the same output directory resumes from the last checkpoint.
+command on the same output directory resumes from the last checkpoint; with ``restart_stale`` (the CLI's
+``train --restart-stale``, used by the pipeline) a directory that cannot be resumed by this command (another
+config, another library version, newer inputs, a completed run) is deleted and the run starts over.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,7 +30,13 @@ from tqdm.auto import tqdm
 
 from biollm_cls.benchmarks import Batch, build_stream, is_boundary, task_at
 from biollm_cls.budget import BudgetLedger
-from biollm_cls.checkpoint import CheckpointError, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from biollm_cls.checkpoint import (
+    CheckpointError,
+    checkpoint_problem,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from biollm_cls.config import RunConfig, to_dict, total_steps
 from biollm_cls.config.schema import ConfigError
 from biollm_cls.continual_metrics import ContinualMatrix
@@ -99,8 +109,8 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def run_training(cfg: RunConfig) -> dict:
-    run = build_run(cfg)
+def run_training(cfg: RunConfig, restart_stale: bool = False) -> dict:
+    run = build_run(cfg, restart_stale)
     total = total_steps(cfg)
     log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.state.step or None, mirrors=_mirrors(run))
     bar = tqdm(total=total, initial=run.state.step, desc="wake", dynamic_ncols=True,
@@ -140,9 +150,13 @@ def run_training(cfg: RunConfig) -> dict:
 
 
 # ---- set-up ---------------------------------------------------------------------------------------------
-def build_run(cfg: RunConfig) -> Run:
+def build_run(cfg: RunConfig, restart_stale: bool = False) -> Run:
+    """The run's parts; resumed from `logging.output_dir`'s newest intact checkpoint when it has one.
+
+    `restart_stale`: a directory that this command cannot resume (see `stale_reason`) is deleted, with one
+    ``note:`` line, and the run starts over, instead of being refused."""
     run_dir = Path(cfg.logging.output_dir)
-    if (run_dir / "summary.json").exists():
+    if (run_dir / "summary.json").exists() and not restart_stale:
         raise RunError(f"{run_dir} already holds a completed run (summary.json); choose another "
                        f"logging.output_dir or delete that directory to run again")
     device = resolve_device(cfg.device)
@@ -170,6 +184,11 @@ def build_run(cfg: RunConfig) -> Run:
         matrices={v: ContinualMatrix(cfg.benchmark.num_tasks) for v in VIEWS}, state=RunState(),
         plan=load_sleep_plan(cfg),
     )
+    if restart_stale:
+        reason = stale_reason(run_dir, cfg)
+        if reason is not None:  # nothing was written yet: deleting now is a fresh start
+            _note(f"starting {run_dir} over: {reason}")
+            shutil.rmtree(run_dir)
     if list_checkpoints(run_dir):
         _resume(run)  # from the newest intact checkpoint
     else:
@@ -538,21 +557,94 @@ def _save(run: Run) -> None:
         run.wandb.log_checkpoint(path, st.step)
 
 
-def _resume(run: Run) -> None:
+# A run directory holds these (and the pipeline's per-run tables/): `restart_stale` deletes nothing else.
+RUN_FILES = ("validated_config.json", "run_metadata.json", "metrics.jsonl", "summary.json", "task_matrix.csv",
+             "metric_glossary.json", "metric_glossary.md", "checkpoints", "wandb", "tables")
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _config_changes(run_dir: Path, cfg: RunConfig) -> list[str] | None:
+    """The top-level config keys in which `run_dir`'s validated_config.json differs from `cfg` (None: unreadable)."""
     try:
-        saved_cfg = json.loads((run.run_dir / "validated_config.json").read_text())
+        saved = json.loads((run_dir / "validated_config.json").read_text())
     except (OSError, ValueError):
-        raise RunError(f"{run.run_dir} holds checkpoints but no readable validated_config.json (checkpoints "
-                       f"copied from another run?); use another logging.output_dir or delete that directory") from None
-    current = json.loads(json.dumps(to_dict(run.cfg)))
-    if saved_cfg != current:
-        changed = sorted(k for k in set(saved_cfg) | set(current) if saved_cfg.get(k) != current.get(k))
-        raise RunError(f"{run.run_dir} holds a run with a different config (differs in: {', '.join(changed)}); "
-                       f"use another logging.output_dir")
+        return None
+    current = json.loads(json.dumps(to_dict(cfg)))
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+def _inputs(cfg: RunConfig) -> list[Path]:
+    """The files a run reads (data, base checkpoint, sleep plan), where set."""
+    paths = (cfg.benchmark.local_path, cfg.benchmark.eval_local_path, cfg.model.init_checkpoint,
+             cfg.consolidation.sleep_plan)
+    return [Path(p) for p in paths if p and Path(p).is_file()]
+
+
+def stale_reason(run_dir: Path, cfg: RunConfig) -> str | None:
+    """Why this command must not resume `run_dir` (None: it may, or there is nothing to resume).
+
+    A resumed run equals an uninterrupted one only when the same config, the same library and the same inputs
+    produce both halves, so a directory is stale when it holds a completed run (summary.json, or
+    run_metadata.json status complete: summary.json removed by a forced rerun), a run of another config, of
+    another library version or commit, or one older than an input file (rebuilt since it started), or when
+    none of its checkpoints is intact. Raises RunError for a non-empty directory that holds no run."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    if not any((run_dir / name).exists() for name in RUN_FILES):
+        raise RunError(f"{run_dir} is not empty and holds no run (no validated_config.json, checkpoints/, ...); "
+                       f"refusing to delete it: choose another logging.output_dir (or remove that folder)")
+    if (run_dir / "summary.json").exists():
+        return "it holds a completed run (summary.json)"
     try:
-        _, state = load_latest_checkpoint(run.run_dir, run.learner.device)  # falls back past a torn newest one
+        meta = json.loads((run_dir / "run_metadata.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not list_checkpoints(run_dir):
+        return "it holds no checkpoint to resume from"
+    if meta is None:
+        return "its run_metadata.json is missing or unreadable"
+    if meta.get("status") == "complete":
+        return "its run completed (run_metadata.json) and summary.json was removed (a forced rerun)"
+    changes = _config_changes(run_dir, cfg)
+    if changes is None:
+        return "its validated_config.json is missing or unreadable"
+    if changes:
+        return f"its config differs in: {', '.join(changes)}"
+    then = meta.get("library") or {}
+    here = {"version": versions()["biollm_cls"], **library_commit()}
+    for key in ("version", "git_commit"):
+        if "unknown" not in (then.get(key), here[key]) and then.get(key) != here[key]:
+            return f"it was started by another library {key} ({then.get(key)}; this is {here[key]})"
+    started = (run_dir / "validated_config.json").stat().st_mtime
+    newer = [str(p) for p in _inputs(cfg) if p.stat().st_mtime > started]
+    if newer:
+        return f"an input changed after it started ({', '.join(newer)})"
+    if all(checkpoint_problem(path) is not None for path in list_checkpoints(run_dir)):
+        return "none of its checkpoints is intact"
+    return None
+
+
+def _resume(run: Run) -> None:
+    changes = _config_changes(run.run_dir, run.cfg)
+    if changes is None:
+        raise RunError(f"{run.run_dir} holds checkpoints but no readable validated_config.json (checkpoints "
+                       f"copied from another run?); use another logging.output_dir or delete that directory")
+    if changes:
+        raise RunError(f"{run.run_dir} holds a run with a different config (differs in: {', '.join(changes)}); "
+                       f"use another logging.output_dir")
+    warnings: list[str] = []
+    try:  # falls back past a torn newest checkpoint, with one warning line that says so
+        path, state = load_latest_checkpoint(run.run_dir, run.learner.device, warn=warnings.append)
     except CheckpointError as exc:
         raise RunError(str(exc)) from None
+    if warnings:
+        print(f"warning: {warnings[0]}", file=sys.stderr, flush=True)
+    else:
+        _note(f"resuming {run.run_dir} from {path.name} (step {state['step']} of {total_steps(run.cfg)}); "
+              f"the steps after it are recomputed")
     learner = run.learner
     learner.neocortex.load_state_dict(state["neocortex"])
     learner.base_optimizer.load_state_dict(state["base_optimizer"])

@@ -62,6 +62,13 @@ def assert_same_as_reference(out: Path, reference: Path) -> None:
     assert not list((out / "checkpoints").glob("*.tmp")), "temp files left in checkpoints/"
 
 
+def assert_quiet_rerun(err: str) -> None:
+    """A rerun's stderr: at most one line, saying from which checkpoint it resumed (none for a fresh start);
+    no warning (a skipped, torn checkpoint) and no error."""
+    lines = err.splitlines()
+    assert len(lines) <= 1 and all(line.startswith("note: resuming ") for line in lines), lines
+
+
 def driver_command(fault: dict, out: Path) -> list[str]:
     return [sys.executable, str(DRIVER), json.dumps(fault), *TINY, f"logging.output_dir={out}"]
 

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from faultkit import assert_same_as_reference, driver_command, driver_env, run_cli
+from faultkit import assert_quiet_rerun, assert_same_as_reference, driver_command, driver_env, run_cli
 
 import biollm_cls.run_io as run_io
 from biollm_cls.checkpoint import checkpoint_problem, list_checkpoints, load_checkpoint
@@ -65,7 +65,7 @@ def one_error_line(capfd, *needles: str) -> str:
 def resumes_identically(out: Path, reference: Path, capfd) -> None:
     capfd.readouterr()
     assert run_cli(out) == 0
-    assert capfd.readouterr().err == ""
+    assert_quiet_rerun(capfd.readouterr().err)
     assert_same_as_reference(out, reference)
 
 

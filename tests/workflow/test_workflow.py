@@ -1,6 +1,6 @@
 """Workflow tests: lint, dry runs of every suite config, the CI suite end to end in a temporary working
-directory (`snakemake --directory`), no-op rerun, targeted rerun on a parameter change, the report, and
-config validation errors.
+directory (`snakemake --directory`), no-op rerun, targeted rerun on a parameter change, the rerun of a
+killed train job (it resumes from its checkpoint), the report, and config validation errors.
 
 The end-to-end suite is config/ci.yaml (2 ablations x 1 seed, a few steps): its numbers are meaningless,
 the test checks that every stage runs and that each writes what the next one reads.
@@ -9,7 +9,9 @@ the test checks that every stage runs and that each writes what the next one rea
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +39,10 @@ def _command(workdir: Path, *args: str, configfile: Path | None = None) -> list[
     return cmd + ([] if configfile is None else ["--configfile", str(configfile)])
 
 
-def snakemake(workdir: Path, *args: str, configfile: Path | None = None) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(_command(workdir, *args, configfile=configfile), capture_output=True, text=True,
-                          env=_env(), timeout=300)
+                          env={**_env(), **(env or {})}, timeout=300)
 
 
 def snakemake_many(calls: list[tuple[Path, tuple[str, ...], Path | None]]) -> list[tuple[int, str]]:
@@ -233,11 +236,46 @@ def test_changing_one_ablation_reruns_only_its_runs(ci_suite, tmp_path):
         if len(parts) == 6 and parts[2] in ("train", "build_pack", "pretrain_base"):
             status[parts[0]] = (parts[4], parts[5])
     pending = {path for path, (_, plan) in status.items() if plan != "no update"}
-    assert pending == {f"results/ci/runs/no_sleep/seed7/{f}" for f in ("summary.json", "task_matrix.csv",
-                                                                        "metrics.jsonl")}
+    assert pending == {f"results/ci/runs/no_sleep/seed7/{f}" for f in ("summary.json", "task_matrix.csv")}
     assert all(reason == "params changed" for path, (reason, _) in status.items() if path in pending)
     # (not `--list-changes params`: in Snakemake 9.27 it lists one output of every job, changed or not,
     # because ParamsChange.__or__ keeps the file set of an empty change)
+
+
+HOOKS = Path(__file__).resolve().parent / "hooks"  # sitecustomize.py: kill -9 a train process in one step
+
+
+def test_a_rerun_after_a_killed_train_job_resumes_it(ci_suite, tmp_path):
+    """A train job killed (SIGKILL) in step 5 of 6 fails its Snakemake job and leaves no summary.json; the next
+    `snakemake` reruns that job only, the run resumes from its step-4 checkpoint (the log says so) and ends
+    with the uninterrupted run's summary.json, task_matrix.csv and metrics rows."""
+    from biollm_cls.checkpoint import list_checkpoints
+
+    workdir = tmp_path / "suite"
+    shutil.copytree(ci_suite / "results" / "ci" / "data", workdir / "results" / "ci" / "data")  # keeps mtimes
+    rel = "results/ci/runs/full_cls/seed7"
+    target = f"{rel}/summary.json"
+    killed = snakemake(workdir, target, "--cores", "1", configfile=CONFIGS["ci"],
+                       env={"PYTHONPATH": os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")])),
+                            "BIOLLM_TEST_KILL_TRAIN": "runs/full_cls/seed7:5"})
+    assert killed.returncode != 0, killed.stdout[-3000:]
+    assert "Error in rule train" in killed.stdout + killed.stderr
+    run = workdir / rel
+    assert not (run / "summary.json").exists()
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002.pt", "step_0000004.pt"]
+    out = snakemake(workdir, target, "--cores", "1", "--printshellcmds", configfile=CONFIGS["ci"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = (workdir / "results" / "ci" / "logs" / "train" / "full_cls" / "seed7.log").read_text()
+    assert f"note: resuming {rel} from step_0000004.pt (step 4 of 6); the steps after it are recomputed" in log
+    assert job_counts(out.stdout + out.stderr) == {"train": 1, "total": 1}  # only the failed train job reran
+    reference = ci_suite / rel
+    for name in ("summary.json", "task_matrix.csv"):
+        assert (run / name).read_text() == (reference / name).read_text(), name
+
+    def rows(path: Path) -> list[dict]:
+        return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(run) == rows(reference)
 
 
 def test_report_builds(ci_suite):

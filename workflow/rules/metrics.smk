@@ -9,9 +9,8 @@ localrules:
 
 rule run_metrics:
     input:
-        summary=f"{RUN_DIR}/summary.json",
+        summary=f"{RUN_DIR}/summary.json",  # written last: metrics.jsonl (read from run_dir) is complete
         task_matrix=f"{RUN_DIR}/task_matrix.csv",
-        metrics=f"{RUN_DIR}/metrics.jsonl",
     output:
         **{table: f"{RUN_DIR}/tables/{table}.csv" for table in RUN_TABLES},
     params:
