@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +30,8 @@ RUN_ID = re.compile(r"SLURM run ID: (\S+)")
 REMOTE_RULES = ("pretrain_base", "train")
 TIMING = re.compile(r"(^|_)(wall|time|seconds|duration|elapsed|runtime)(_|$)|per_s$|_s$")
 SUITE_TABLES = ("suite_summary.csv", "boundary_metrics.csv", "task_matrix.csv")
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+         "BOOT_FAIL", "DEADLINE"}
 
 
 def fail(msg: str) -> None:
@@ -75,7 +78,14 @@ def check_jobs(log_path: str, config_path: str) -> None:
         got = sum(1 for j in jobs if j[0] == rule)
         if got != n:
             fail(f"{got} {rule} job(s) went through sbatch, expected {n}")
-    tool, states = slurm_states(uuids[0])
+    # slurmctld sends job records to slurmdbd asynchronously: sacct may lag behind the squeue that the
+    # plugin polled. Wait (bounded) until SLURM records every job in a final state.
+    deadline = time.monotonic() + 60
+    while True:
+        tool, states = slurm_states(uuids[0])
+        if all(states.get(j[2], "MISSING").split()[0] in FINAL for j in jobs) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     print(f"SLURM run ID {uuids[0]}; job states from {tool}")
     print(f"{'rule':<14} {'wildcards':<22} {'slurm id':>8}  state")
     bad = []

@@ -55,6 +55,18 @@ show_logs() {
 
 started() { echo "$1 $2" >> "$STARTED"; }
 
+# spawn CMD...: start a daemon holding none of our file descriptors but 0-2 (a CI runner's log pipe, a
+# caller's lock), so that nothing stays open because of it once its caller is gone
+spawn() {
+    (
+        for fd in /proc/$BASHPID/fd/*; do
+            fd=${fd##*/}
+            case "$fd" in 0|1|2|255) ;; *) eval "exec $fd>&-" 2>/dev/null || true ;; esac
+        done
+        exec "$@"
+    )
+}
+
 do_stop() {
     [ -s "$STARTED" ] || { log "nothing to stop ($STARTED is empty or missing)"; return 0; }
     if grep -q '^slurmctld ' "$STARTED" && pid_alive "$RUN/slurmctld.pid"; then
@@ -134,7 +146,7 @@ mkdir -p /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
 if ! pid_alive /run/munge/munged.pid; then
     log "starting munged"
-    runuser -u munge -- /usr/sbin/munged   # forks into the background, writes its pid file
+    spawn runuser -u munge -- /usr/sbin/munged   # forks into the background, writes its pid file
     started munged /run/munge/munged.pid
 fi
 for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
@@ -145,7 +157,7 @@ if [ "$WITH_DBD" = 1 ]; then
     mkdir -p /run/mysqld /var/log/mysql; chown mysql:mysql /run/mysqld /var/log/mysql
     if ! pid_alive /run/mysqld/mysqld.pid; then
         log "starting mariadbd"
-        setsid /usr/sbin/mariadbd --user=mysql --pid-file=/run/mysqld/mysqld.pid \
+        spawn setsid /usr/sbin/mariadbd --user=mysql --pid-file=/run/mysqld/mysqld.pid \
             --socket=/run/mysqld/mysqld.sock --skip-networking \
             --log-error=/var/log/mysql/error.log </dev/null >/dev/null 2>&1 &
         for _ in $(seq 100); do [ -s /run/mysqld/mysqld.pid ] && break; sleep 0.2; done
@@ -160,7 +172,7 @@ if [ "$WITH_DBD" = 1 ]; then
         FLUSH PRIVILEGES;"
     if ! pid_alive "$RUN/slurmdbd.pid"; then
         log "starting slurmdbd"
-        timeout 60 /usr/sbin/slurmdbd   # daemonizes, writes its pid file
+        spawn timeout 60 /usr/sbin/slurmdbd   # daemonizes, writes its pid file
         started slurmdbd "$RUN/slurmdbd.pid"
     fi
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/6819) 2>/dev/null && break; sleep 0.2; done
@@ -168,31 +180,44 @@ if [ "$WITH_DBD" = 1 ]; then
 fi
 
 # ---------------------------------------------------------------------------------- slurmctld, slurmd
+OWN_CTLD=0
 if ! pid_alive "$RUN/slurmctld.pid"; then
     log "starting slurmctld"
-    timeout 60 /usr/sbin/slurmctld   # daemonizes, writes its pid file
+    spawn timeout 60 /usr/sbin/slurmctld   # daemonizes, writes its pid file
     started slurmctld "$RUN/slurmctld.pid"
+    OWN_CTLD=1
 fi
 for _ in $(seq 100); do timeout 10 scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
+timeout 10 scontrol ping 2>/dev/null | grep -q UP || { log "slurmctld does not answer (scontrol ping)"; show_logs; exit 1; }
+if [ "$OWN_CTLD" = 1 ]; then
+    # slurmctld restores its jobs from StateSaveLocation: jobs of an earlier test that was killed would
+    # hold the node (or be started again); ours starts empty
+    leftover=$(timeout 10 squeue -h -t PD,R,CG,S -o %i 2>/dev/null | tr '\n' ' ' || true)
+    if [ -n "${leftover// }" ]; then
+        log "cancelling jobs left from an earlier run: $leftover"
+        timeout 10 scancel --full $leftover 2>/dev/null || true
+    fi
+fi
 if ! pid_alive "$RUN/slurmd.pid"; then
     log "starting slurmd"
-    timeout 60 /usr/sbin/slurmd -N "$NODE"
+    spawn timeout 60 /usr/sbin/slurmd -N "$NODE"
     started slurmd "$RUN/slurmd.pid"
 fi
 
+# The node is ready when slurmd has registered and sinfo shows it idle (with a cluster of our own, also
+# no job left on it; someone else's may be busy: mix/alloc will do). down/drain (a restart before
+# SlurmdTimeout, or a registration before the conf matched) is resumed.
+if [ "$OWN_CTLD" = 1 ]; then ready='idle'; else ready='idle|mix|alloc'; fi
 state=""
 for _ in $(seq 120); do
     state=$(timeout 10 sinfo -h -n "$NODE" -o '%t' 2>/dev/null | head -1 || true)
+    if [[ "$state" =~ ^($ready)$ ]]; then break; fi
     case "$state" in
-        idle|mix|alloc) break ;;
         drain*|down*|drng) timeout 10 scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true ;;
     esac
     sleep 0.5
 done
-case "$state" in
-    idle|mix|alloc) ;;
-    *) log "node did not become idle (state '$state')"; show_logs; exit 1 ;;
-esac
+if ! [[ "$state" =~ ^($ready)$ ]]; then log "node did not become ready (state '$state', want $ready)"; show_logs; exit 1; fi
 if [ "$WITH_DBD" = 1 ]; then
     # the cluster registers itself with slurmdbd; sacct must answer before Snakemake relies on it
     for _ in $(seq 60); do timeout 10 sacct -n -X -o JobID >/dev/null 2>&1 && break; sleep 0.5; done
