@@ -28,12 +28,13 @@ for phase in (0, 1):
                 o += [f"model.init_checkpoint={D}/data/base.pt"]
             o += [f"logging.output_dir={R}/runs/{a}/seed{s}", f"suite_name={suite}"]
             if preset in matched:
-                o.append(f"consolidation.sleep_plan={R}/runs/{matched[preset]}/seed{s}/summary.json")
+                learner = matched[preset] + (f"__{a.split('__', 1)[1]}" if "__" in a else "")
+                o.append(f"consolidation.sleep_plan={R}/runs/{learner}/seed{s}/summary.json")
             o += list(c["overrides"]) + list(extra or [])
             print(phase, " ".join(shlex.quote(x) for x in o))
 PY
 for phase in 0 1; do
-  grep "^$phase " /tmp/jobs.txt | cut -d' ' -f2- | xargs -P 14 -I{} sh -c 'python3 -m biollm_cls.cli train {} train.num_threads=1 $DEVICE_OVERRIDE > /dev/null 2>>/tmp/errors.log || echo "FAILED: {}" >> /tmp/errors.log'
+  grep "^$phase " /tmp/jobs.txt | cut -d' ' -f2- | xargs -P ${JOBS:-14} -I{} sh -c 'python3 -m biollm_cls.cli train {} train.num_threads=1 $DEVICE_OVERRIDE > /dev/null 2>>/tmp/errors.log || echo "FAILED: {}" >> /tmp/errors.log'
 done
 cat /tmp/errors.log 2>/dev/null | tail -5
 find results/$1/runs -name summary.json | wc -l

@@ -316,7 +316,7 @@ def _pairs(hip):
                   ("router.bias", hip.router.bias, hip.router_bias_init)]
 
 
-def test_partial_reset_expert_moves_chosen_experts_toward_init_and_clears_their_moments():
+def test_partial_reset_expert_moves_chosen_experts_toward_init_and_clears_their_momentum():
     hip, opt = _trained_hip_and_optimizer()
     f, chosen, kept = 0.3, [1, 3], [0, 2]
     before = {n: p.detach().clone() for n, p, _ in _pairs(hip)}
@@ -328,10 +328,12 @@ def test_partial_reset_expert_moves_chosen_experts_toward_init_and_clears_their_
         assert torch.allclose(p[chosen], init[chosen] + f * (before[name][chosen] - init[chosen]), atol=1e-7), name
         assert torch.equal(p[kept], before[name][kept]), name
         state = opt.state[p]
+        assert torch.equal(state["exp_avg"][chosen], torch.zeros_like(state["exp_avg"][chosen])), name
+        assert moments[name]["exp_avg"][chosen].abs().sum() > 0
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(state[key][chosen], torch.zeros_like(state[key][chosen])), (name, key)
             assert torch.equal(state[key][kept], moments[name][key][kept]), (name, key)
-            assert moments[name][key][chosen].abs().sum() > 0
+        # the second moment keeps its scale (see the step-size test below)
+        assert torch.equal(state["exp_avg_sq"][chosen], moments[name]["exp_avg_sq"][chosen]), name
         assert torch.equal(state["step"], moments[name]["step"])
     # drift is recomputed; usage of the reset experts moves toward the fair share, then renormalised
     for e in chosen:
@@ -365,3 +367,27 @@ def test_state_dict_round_trip_keeps_the_init_buffers():
         assert torch.equal(p, q) and torch.equal(init, init2), name
     other.partial_reset_expert([1], 0.0)  # resets to the *original* init, not the reloaded module's own
     assert torch.equal(other.w_in[1], hip.w_in_init[1])
+
+
+def test_a_reset_expert_learns_at_no_more_than_the_learning_rate():
+    """After a reset, Adam's steps on the reset experts stay <= lr. Zeroing the second moment too (while the
+    tensor's shared step count keeps the bias correction at ~1) made them 1.6-3.4x lr for ~40 steps."""
+    hip = make_hip(randomize=True)
+    lr = 0.01
+    opt = torch.optim.AdamW(hip.parameters(), lr=lr, weight_decay=0.0)
+    grads = {n: torch.randn_like(p) for n, p, _ in _pairs(hip)}  # a steady gradient: the overshoot's worst case
+
+    def step():
+        for name, p, _ in _pairs(hip):
+            p.grad = grads[name].clone()
+        opt.step()
+
+    for _ in range(200):  # a long-trained hippocampus: bias correction ~1
+        step()
+    hip.partial_reset_expert([1], 0.0, opt)
+    largest = 0.0
+    for _ in range(40):
+        before = hip.w_out.detach().clone()
+        step()
+        largest = max(largest, float((hip.w_out[1] - before[1]).abs().max()))
+    assert 0 < largest <= lr * 1.001

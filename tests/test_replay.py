@@ -212,3 +212,55 @@ def test_what_memory_keeps_does_not_depend_on_how_much_it_is_sampled():
     quiet.add(tiny(500))
     again.add(tiny(500))
     assert [e.step for e in quiet.episodes] == [e.step for e in again.episodes]
+
+
+# ---- the short-term store (replay.recent_capacity) ----------------------------------------------------------
+def test_the_short_term_store_keeps_every_episode_since_the_last_sleep_within_the_capacity():
+    buf = ReservoirReplay(100, seed=0, recent_capacity=30)
+    for s in range(1, 501):  # long past the reservoir's fill: a plain reservoir keeps ~70/500 of the last ones
+        buf.add(ep(s))
+        if s == 470:
+            buf.end_sleep()  # a sleep at step 470: the 30 episodes after it are all in memory
+    assert len(buf) <= 100 and len(buf.episodes) == 70 and len(buf.staged) == 30
+    assert [e.step for e in buf.recent(since_step=470)] == list(range(471, 501))
+    plain = filled(0, 500, capacity=100)
+    assert len([e for e in plain.episodes if e.step > 470]) < 30  # what the store is for
+
+
+def test_the_reservoir_behind_the_store_is_the_same_uniform_sample_of_the_stream():
+    """Episodes reach the reservoir once each, in stream order (at sleeps or on overflow), so it keeps exactly
+    what a plain reservoir of capacity - recent_capacity keeps from the same stream."""
+    staged = ReservoirReplay(100, seed=5, recent_capacity=40)
+    for s in range(1, 2001):
+        staged.add(ep(s))
+        if s % 97 == 0:
+            staged.end_sleep()
+    staged.end_sleep()
+    plain = filled(5, 2000, capacity=60)
+    assert [e.step for e in staged.episodes] == [e.step for e in plain.episodes]
+    assert staged.seen == plain.seen == 2000
+
+
+def test_the_short_term_store_overflows_oldest_first_and_is_sampled_with_the_reservoir():
+    buf = ReservoirReplay(10, seed=1, recent_capacity=4)
+    for s in range(1, 7):
+        buf.add(ep(s))
+    assert [e.step for e in buf.staged] == [3, 4, 5, 6] and [e.step for e in buf.episodes] == [1, 2]
+    assert sorted(e.step for e in buf.sample(100)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_short_term_store_must_leave_room_for_the_reservoir():
+    with pytest.raises(ValueError, match="recent_capacity"):
+        ReservoirReplay(10, seed=0, recent_capacity=10)
+
+
+def test_the_short_term_store_survives_a_state_dict_round_trip():
+    buf = ReservoirReplay(10, seed=1, recent_capacity=4)
+    for s in range(1, 8):
+        buf.add(ep(s))
+    other = ReservoirReplay(10, seed=99, recent_capacity=4)
+    other.load_state_dict(buf.state_dict())
+    assert [e.step for e in other.staged] == [e.step for e in buf.staged]
+    assert [e.step for e in other.episodes] == [e.step for e in buf.episodes]
+    other.end_sleep(), buf.end_sleep()
+    assert [e.step for e in other.episodes] == [e.step for e in buf.episodes]

@@ -263,3 +263,19 @@ def test_hippocampal_replay_switch(awake, hippocampal_replay):
         for _ in range(5):
             assert hippocampal_replay_step(learner, batch, tv, ti, n_replay, cfg)
         assert system_kl() < first
+
+
+def test_a_sleep_replays_every_recent_episode_once_before_any_twice():
+    from biollm_cls.replay import Episode, ReservoirReplay
+    from biollm_cls.sleep import RecentQueue
+
+    empty = torch.zeros(0, dtype=torch.long)
+    replay = ReservoirReplay(200, seed=0, recent_capacity=50)
+    for s in range(1, 121):
+        replay.add(Episode(input_ids=torch.ones(3, dtype=torch.int32), targets=torch.ones(3, dtype=torch.int32),
+                           task_id=0, step=s, expert_ids=empty, expert_weights=empty.float(), wake_loss=0.0))
+    queue = RecentQueue(replay, since_step=100)  # 20 recent episodes
+    first = [e.step for _ in range(5) for e in queue.take(4)]
+    assert sorted(first) == list(range(101, 121))  # one pass: each once
+    second = [e.step for _ in range(5) for e in queue.take(4)]
+    assert sorted(second) == list(range(101, 121)) and second != first  # the next pass, reshuffled

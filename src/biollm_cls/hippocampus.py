@@ -164,7 +164,10 @@ class Hippocampus(nn.Module):
     def partial_reset_expert(self, experts: torch.Tensor | list[int] | int, factor: float,
                              optimizer: torch.optim.Optimizer | None = None) -> None:
         """theta_e <- theta_e^0 + factor * (theta_e - theta_e^0) for the given experts (router row and bias
-        too); their Adam moments are zeroed so the optimizer does not push them straight back."""
+        too). Their Adam first moments are zeroed so the optimizer does not push them straight back; the second
+        moments are kept: the step count (bias correction) is per tensor, not per expert, so zeroed second
+        moments would make the reset experts' next ~40 steps 1.6-3.4x larger than the learning rate (a
+        freshly reset expert then overshoots and the deployed system can fall far below its base)."""
         idx = torch.as_tensor(experts, dtype=torch.long, device=self.w_in.device).reshape(-1)
         if idx.numel() == 0:
             return
@@ -172,10 +175,8 @@ class Hippocampus(nn.Module):
         pairs += [(self.router.weight, self.router_weight_init), (self.router.bias, self.router_bias_init)]
         for param, init in pairs:
             param[idx] = init[idx] + factor * (param[idx] - init[idx])
-            if optimizer is not None:
-                for moment in optimizer.state.get(param, {}).values():
-                    if torch.is_tensor(moment) and moment.shape == param.shape:
-                        moment[idx] = 0.0
+            if optimizer is not None and "exp_avg" in optimizer.state.get(param, {}):
+                optimizer.state[param]["exp_avg"][idx] = 0.0
         self.update_drift()
         self.usage[idx] = self.usage[idx] * factor + (1.0 - factor) / self.num_experts
         self.usage.div_(self.usage.sum())

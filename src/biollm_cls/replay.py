@@ -41,9 +41,22 @@ class Episode:
 
 
 class ReservoirReplay:
-    def __init__(self, capacity: int, seed: int):
-        self.capacity = capacity
-        self.episodes: list[Episode] = []
+    """A long-term reservoir, optionally with a short-term store in front of it.
+
+    With ``recent_capacity`` > 0, the episodes since the last sleep are first kept in full in a short-term
+    store (the day's episodes, which that night's sleep can replay every one of) and are offered to the
+    reservoir when a sleep ends (``end_sleep``), or when the store overflows (oldest first). Both stores
+    count against ``capacity``: the reservoir keeps ``capacity - recent_capacity`` episodes, so the memory
+    holds no more episodes than a plain reservoir of ``capacity``. The reservoir still receives every
+    episode once, in stream order, so what it keeps is the same uniform sample of the stream."""
+
+    def __init__(self, capacity: int, seed: int, recent_capacity: int = 0):
+        if not 0 <= recent_capacity < capacity:
+            raise ValueError(f"recent_capacity={recent_capacity} must be in [0, capacity={capacity})")
+        self.capacity = capacity - recent_capacity  # of the long-term reservoir
+        self.recent_capacity = recent_capacity
+        self.episodes: list[Episode] = []  # the reservoir
+        self.staged: list[Episode] = []  # the short-term store: episodes since the last sleep, in full
         self.seen = 0
         # Insertion has a generator of its own: what memory keeps depends only on the stream, so ablations
         # with the same seed hold the same episodes however much (or little) they sample from it.
@@ -51,9 +64,28 @@ class ReservoirReplay:
         self.rng = random.Random(seed + 7919)  # sampling
 
     def __len__(self) -> int:
-        return len(self.episodes)
+        return len(self.episodes) + len(self.staged)
+
+    def _all(self) -> list[Episode]:
+        return self.episodes + self.staged if self.staged else self.episodes
 
     def add(self, episode: Episode) -> None:
+        """Into the short-term store when there is one (its oldest episode overflows into the reservoir),
+        else straight into the reservoir."""
+        if self.recent_capacity == 0:
+            self._offer(episode)
+            return
+        self.staged.append(episode)
+        if len(self.staged) > self.recent_capacity:
+            self._offer(self.staged.pop(0))
+
+    def end_sleep(self) -> None:
+        """A sleep has replayed the short-term store: its episodes move on to the reservoir."""
+        for episode in self.staged:
+            self._offer(episode)
+        self.staged = []
+
+    def _offer(self, episode: Episode) -> None:
         """Algorithm R: keep the i-th offered episode with probability capacity / i."""
         self.seen += 1
         if len(self.episodes) < self.capacity:
@@ -65,13 +97,17 @@ class ReservoirReplay:
 
     def sample(self, n: int, exclude_task: int | None = None) -> list[Episode]:
         """Up to n distinct episodes in random order (optionally none of `exclude_task`)."""
-        pool = self.episodes if exclude_task is None else [e for e in self.episodes if e.task_id != exclude_task]
+        pool = self._all() if exclude_task is None else [e for e in self._all() if e.task_id != exclude_task]
         return self.rng.sample(pool, min(n, len(pool)))
 
     def sample_recent(self, n: int, since_step: int) -> list[Episode]:
         """Up to n distinct episodes experienced after `since_step` (the last sleep), in random order."""
-        pool = [e for e in self.episodes if e.step > since_step]
+        pool = self.recent(since_step)
         return self.rng.sample(pool, min(n, len(pool)))
+
+    def recent(self, since_step: int) -> list[Episode]:
+        """Every stored episode experienced after `since_step` (oldest first within each store)."""
+        return [e for e in self._all() if e.step > since_step]
 
     def sample_by_expert(self, expert: int, n: int) -> list[Episode]:
         """Up to n episodes that were routed to `expert` (vectorised membership test)."""
@@ -79,42 +115,49 @@ class ReservoirReplay:
         if table is None:
             return []
         idx = (table == expert).any(1).nonzero().flatten().tolist()
-        return [self.episodes[i] for i in self.rng.sample(idx, min(n, len(idx)))]
+        everything = self._all()
+        return [everything[i] for i in self.rng.sample(idx, min(n, len(idx)))]
 
     def _expert_table(self) -> torch.Tensor | None:
         """[N,k] expert ids of every episode (None without a hippocampus)."""
-        if not self.episodes or self.episodes[0].expert_ids.numel() == 0:
+        everything = self._all()
+        if not everything or everything[0].expert_ids.numel() == 0:
             return None
-        return torch.stack([e.expert_ids for e in self.episodes])
+        return torch.stack([e.expert_ids for e in everything])
 
     def sample_per_expert(self, num_experts: int, n: int) -> list[list[Episode]]:
         """For every expert, up to n episodes routed to it (one membership table for all experts)."""
         table = self._expert_table()  # (N, k)
         if table is None:
             return [[] for _ in range(num_experts)]
-        out = []
+        everything, out = self._all(), []
         for expert in range(num_experts):
             idx = (table == expert).any(1).nonzero().flatten().tolist()
-            out.append([self.episodes[i] for i in self.rng.sample(idx, min(n, len(idx)))])
+            out.append([everything[i] for i in self.rng.sample(idx, min(n, len(idx)))])
         return out
 
     def bytes_total(self) -> int:
-        return sum(e.nbytes() for e in self.episodes)
+        return sum(e.nbytes() for e in self._all())
 
     def bytes_per_episode(self) -> float:
-        return self.bytes_total() / len(self.episodes) if self.episodes else 0.0
+        return self.bytes_total() / len(self) if len(self) else 0.0
 
     def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "seen": self.seen, "rng": self.rng.getstate(),
-                "insert_rng": self.insert_rng.getstate(),
-                "episodes": [vars(e) for e in self.episodes]}
+        return {"capacity": self.capacity, "recent_capacity": self.recent_capacity, "seen": self.seen,
+                "rng": self.rng.getstate(), "insert_rng": self.insert_rng.getstate(),
+                "episodes": [vars(e) for e in self.episodes], "staged": [vars(e) for e in self.staged]}
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity, self.seen = state["capacity"], state["seen"]
+        self.recent_capacity = state.get("recent_capacity", 0)
         self.rng.setstate(_as_rng_state(state["rng"]))
         self.insert_rng.setstate(_as_rng_state(state["insert_rng"]))
-        self.episodes = [Episode(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in e.items()})
-                         for e in state["episodes"]]
+        self.episodes = [_episode(e) for e in state["episodes"]]
+        self.staged = [_episode(e) for e in state.get("staged", [])]
+
+
+def _episode(fields: dict) -> Episode:
+    return Episode(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in fields.items()})
 
 
 def _as_rng_state(state) -> tuple:

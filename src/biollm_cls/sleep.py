@@ -188,23 +188,40 @@ def prepare_pseudo_pool(learner: Learner, replay: ReservoirReplay, cfg: RunConfi
     return PseudoPool(batches, values, ids)
 
 
-def sample_sleep_episodes(replay: ReservoirReplay, cfg: RunConfig, since_step: int) -> list[Episode]:
-    """One sleep batch of episodes: `recent_fraction` of them experienced since the last sleep, the rest
-    drawn uniformly from the whole reservoir (an episode may appear in both parts)."""
+class RecentQueue:
+    """The episodes since the last sleep, replayed in shuffled passes: every one of them once before any of
+    them twice (independent draws per step would leave about a third of them unreplayed in a sleep)."""
+
+    def __init__(self, replay: ReservoirReplay, since_step: int):
+        self.replay, self.pool, self.order = replay, replay.recent(since_step), []
+
+    def take(self, n: int) -> list[Episode]:
+        out: list[Episode] = []
+        while len(out) < n and self.pool:
+            if not self.order:
+                self.order = self.replay.rng.sample(self.pool, len(self.pool))
+            take = min(n - len(out), len(self.order))
+            out += self.order[:take]
+            self.order = self.order[take:]
+        return out
+
+
+def sample_sleep_episodes(replay: ReservoirReplay, cfg: RunConfig, recent: RecentQueue | None = None) -> list[Episode]:
+    """One sleep batch of episodes: `recent_fraction` of them from the episodes since the last sleep (the
+    `recent` queue), the rest drawn uniformly from the whole memory (an episode may appear in both parts)."""
     n = cfg.replay.batch_size
-    recent = replay.sample_recent(round(n * cfg.consolidation.recent_fraction), since_step) \
-        if cfg.consolidation.recent_fraction > 0 else []
-    return recent + replay.sample(n - len(recent))
+    fresh = recent.take(round(n * cfg.consolidation.recent_fraction)) if recent is not None else []
+    return fresh + replay.sample(n - len(fresh))
 
 
 def build_sleep_batch(learner: Learner, replay: ReservoirReplay, cfg: RunConfig, pad_id: int, vocab_size: int,
                       generator: torch.Generator, pseudo: tuple[Batch, torch.Tensor, torch.Tensor] | None = None,
-                      since_step: int = 0):
+                      recent: RecentQueue | None = None):
     """One sleep mini-batch on the device: (batch, teacher values, teacher ids, n_replay_rows, n_pseudo).
 
     `pseudo` is this step's share of a `PseudoPool`; without it (and with pseudo-rehearsal on) the pseudo
     examples and their teacher (the current system) are made here."""
-    episodes = sample_sleep_episodes(replay, cfg, since_step)
+    episodes = sample_sleep_episodes(replay, cfg, recent)
     batch = collate(episodes, pad_id).to(learner.device)
     if cfg.consolidation.distill_weight == 0:  # ground truth only (the er_matched replay steps): no teacher
         return batch, None, None, len(episodes), 0
@@ -312,12 +329,13 @@ def sleep_cycle(learner: Learner, replay: ReservoirReplay, ewc: OnlineEWC, steps
     sums = torch.zeros(3, device=learner.device)  # distill, target CE, loss
     pseudo_total = replay_total = 0
     pool = prepare_pseudo_pool(learner, replay, cfg, steps, pad_id, vocab_size, generator) if distills else None
+    recent = RecentQueue(replay, since_step) if cfg.consolidation.recent_fraction > 0 else None
     if pool is not None:
         report.forward_passes += math.ceil(len(pool) / max(1, 256 // len(pool.batches[0])))
     for step in range(steps):
         pseudo = (pool.batches[step], pool.values[step], pool.ids[step]) if pool is not None else None
         batch, t_values, t_ids, n_replay, n_pseudo = build_sleep_batch(learner, replay, cfg, pad_id, vocab_size,
-                                                                       generator, pseudo, since_step)
+                                                                       generator, pseudo, recent)
         distill, target_ce, applied = sleep_step(learner, batch, t_values, t_ids, n_replay, cfg, ewc)
         if applied and cfg.consolidation.hippocampal_replay and learner.hippocampus is not None:
             report.hippocampal_replay_steps += hippocampal_replay_step(learner, batch, t_values, t_ids, n_replay, cfg)

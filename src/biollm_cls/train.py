@@ -177,7 +177,7 @@ def build_run(cfg: RunConfig, restart_stale: bool = False) -> Run:
     generator = torch.Generator().manual_seed(cfg.seed + 17)
     run = Run(
         cfg=cfg, run_dir=run_dir, stream=stream, learner=learner,
-        replay=ReservoirReplay(cfg.replay.capacity, cfg.seed + 1) if needs_replay else None,
+        replay=ReservoirReplay(cfg.replay.capacity, cfg.seed + 1, cfg.replay.recent_capacity) if needs_replay else None,
         ewc=OnlineEWC(cfg.ewc.lambda_, cfg.ewc.fisher_decay,
                       torch.bfloat16 if cfg.ewc.fisher_dtype == "bf16" else torch.float32),
         scheduler=SleepScheduler(cfg.scheduler, cfg.consolidation), generator=generator,
@@ -348,6 +348,7 @@ def maybe_sleep(run: Run, step: int, task: int, bar) -> tuple[SleepReport, Refre
     refresh = RefreshReport()
     if report.steps:  # each expert's own test decides (the probe's KL drop was a noisy gate: it blocked 3 of 8)
         refresh = refresh_experts(run.learner, run.replay, cfg, run.pad_id)
+    run.replay.end_sleep()  # the short-term store has been replayed: on to the long-term reservoir
     bar.set_description("wake")
     run.scheduler.mark_slept(step)
     st = run.state

@@ -128,6 +128,7 @@ def test_presets_of_different_groups_compose_together():
     ("experts.top_k=99", ["experts.top_k=99", "experts.num_experts=8"]),
     ("ablation=nope", ["ablation=nope", "full_cls", "seq_ft"]),
     ("experts.routing=foo", ["experts.routing", "sequence", "token"]),
+    ("replay.recent_capacity=2000", ["replay.recent_capacity=2000", "replay.capacity=2000"]),
 ])
 def test_bad_override_raises_one_line_config_error(override, must_name):
     with pytest.raises(ConfigError) as info:

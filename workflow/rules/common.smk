@@ -37,6 +37,13 @@ wildcard_constraints:
 # ---------------------------------------------------------------------------------- config checks
 
 
+def matched_to(ablation):
+    """The learner run a matched baseline replays against: er_matched -> full_cls, and a variant keeps its
+    suffix (er_matched__x -> full_cls__x), so each variant of the learner gets a baseline of its own budget."""
+    preset, _, variant = ablation.partition("__")
+    return MATCHED[preset] + (f"__{variant}" if variant else "")
+
+
 def preset_of(ablation):
     """An ablation entry is a preset name, or `<preset>__<variant>`: that preset plus the entry's overrides,
     recorded under the entry's own name (a study of variants of one preset, e.g. full_cls__no_wake_replay)."""
@@ -65,8 +72,8 @@ def _check_config():
         raise WorkflowError(
             f"config benchmark: unknown preset {config['benchmark']}; choose from: {', '.join(benchmarks)}"
         )
-    missing = sorted(f"{a} (needs {MATCHED[preset_of(a)]})" for a in ABLATIONS
-                     if preset_of(a) in MATCHED and MATCHED[preset_of(a)] not in ABLATIONS)
+    missing = sorted(f"{a} (needs {matched_to(a)})" for a in ABLATIONS
+                     if preset_of(a) in MATCHED and matched_to(a) not in ABLATIONS)
     if missing:
         raise WorkflowError(f"config ablations: {', '.join(missing)}: add the ablation it is matched to")
     reserved = {"seed", "ablation", "ablation_name", "suite_name", "logging.output_dir", "consolidation.sleep_plan"}
@@ -154,7 +161,7 @@ def train_inputs(wildcards):
     if config.get("pretrain"):
         inputs["checkpoint"] = BASE_CHECKPOINT
     if preset_of(wildcards.ablation) in MATCHED:  # a matched baseline replays where the learner slept (its summary)
-        inputs["sleep_plan"] = f"{RUN_DIR.format(ablation=MATCHED[preset_of(wildcards.ablation)], seed=wildcards.seed)}/summary.json"
+        inputs["sleep_plan"] = f"{RUN_DIR.format(ablation=matched_to(wildcards.ablation), seed=wildcards.seed)}/summary.json"
     return inputs
 
 

@@ -84,7 +84,12 @@ class ExpertsConfig:
 
 @dataclass
 class ReplayConfig:
-    capacity: int = 2000
+    capacity: int = 2000  # episodes in memory, in all (the short-term store below included)
+    # > 0: the episodes since the last sleep are kept in full in a short-term store of this many episodes
+    # (part of `capacity`), so sleep can replay every one of them (consolidation.recent_fraction); they move
+    # on to the long-term reservoir when the sleep ends. 0 = one reservoir, which late in a stream keeps
+    # only capacity/seen of the new episodes.
+    recent_capacity: int = 0
     batch_size: int = 32
     teacher: str = "stored_topk"  # stored_topk | recompute
     teacher_topk: int = 8  # logits kept per supervised position when teacher=stored_topk
@@ -280,6 +285,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"consolidation.sleep_min_interval={c.sleep_min_interval} must be <= "
             f"sleep_max_interval={c.sleep_max_interval}"
         )
+    if not 0 <= cfg.replay.recent_capacity < cfg.replay.capacity:
+        raise ConfigError(f"replay.recent_capacity={cfg.replay.recent_capacity} must be in [0, replay.capacity="
+                          f"{cfg.replay.capacity}): the short-term store is part of the memory's capacity")
     if not 0.0 <= c.recent_fraction <= 1.0:
         raise ConfigError(f"consolidation.recent_fraction={c.recent_fraction} must be in [0, 1]")
     if not 0.0 <= c.pseudo_random_fraction <= 1.0:
