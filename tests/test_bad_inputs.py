@@ -7,7 +7,7 @@ processes to check that the process exit status and stderr are the same. The tab
 is docs/run_outputs.md ("Bad inputs"); ``BIOLLM_BAD_INPUTS_TABLE=path uv run pytest tests/test_bad_inputs.py``
 writes it again from the messages seen.
 
-The Snakemake config schema is checked by Snakemake itself (Snakefile ``validate``): its exit code is 1
+The Snakemake config schema is checked by the Snakefile before Snakemake's own ``validate``: exit code 2
 and its report is a multi-line block on stdout; the last test records that as it is.
 """
 
@@ -399,10 +399,9 @@ def test_real_processes_agree_with_main(inputs: Inputs, capfd):
         assert not (sub.tmp / "run").exists() and not (sub.tmp / "newpack").exists()
 
 
-def test_snakemake_schema_failure_is_reported_by_snakemake(tmp_path):
-    """A suite config that fails workflow/schemas/config.schema.yaml (`seeds: seven`): Snakemake's own
-    report, as it is: exit code 1 (not 2), the ValidationError naming the key on stdout (a multi-line
-    block), and nothing written in the working copy."""
+def test_a_suite_config_that_fails_the_schema_is_one_line_and_exit_2(tmp_path):
+    """A suite config that fails workflow/schemas/config.schema.yaml (`seeds: seven`): one `error:` line naming
+    the key, the problem and where the fix goes, exit code 2, no traceback, nothing written in the working copy."""
     work = tmp_path / "repo"
     work.mkdir()
     for name in ("Snakefile", "workflow", "config", "profiles"):
@@ -417,9 +416,11 @@ def test_snakemake_schema_failure_is_reported_by_snakemake(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", "bad.yaml"], cwd=work,
                           capture_output=True, text=True, env=env, timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out
-    assert "ValidationError: 'seven' is not of type 'array'" in proc.stdout
-    assert "On instance['seeds']" in proc.stdout
+    assert proc.returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == ["error: suite config seeds: 'seven' is not of type 'array'; fix it in the --configfile "
+                      "(the keys and their types: workflow/schemas/config.schema.yaml)"], out
+    assert "Traceback" not in out and "ValidationError" not in out
     assert snapshot(work) == before
 
 

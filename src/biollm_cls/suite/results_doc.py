@@ -48,18 +48,29 @@ def _interval(deltas: pd.Series) -> tuple[float, float]:
     return float(deltas.mean()), _T95.get(n - 1, 1.96) * float(deltas.std(ddof=1)) / math.sqrt(n)
 
 
+def reference_of(name: str, reference: str, rows: pd.DataFrame) -> str:
+    """A variant `<preset>__<v>` is paired with `<reference>__<v>` where that ran (the baseline matched to the
+    variant's own budget, run on the same machine); everything else with `reference`."""
+    if name == reference or name.startswith(f"{reference}__"):
+        return name  # a reference itself: no deltas
+    _, _, variant = name.partition("__")
+    own = f"{reference}__{variant}"
+    return own if variant and (rows["baseline"] == own).any() else reference
+
+
 def view_table(frame: pd.DataFrame, view: str, reference: str) -> pd.DataFrame:
     """One row per ablation: mean metrics, paired deltas vs `reference` (same seed), wins, ledger means."""
     rows = frame[frame["view"] == view]
-    ref = rows[rows["baseline"] == reference].drop_duplicates("seed").set_index("seed")
     out = []
     for (suite, name), runs in rows.groupby(["suite", "baseline"], sort=False):
         runs = runs.set_index("seed")
-        row = {"ablation": name, "suite": suite, "seeds": len(runs)}
+        against = reference_of(name, reference, rows)
+        ref = rows[rows["baseline"] == against].drop_duplicates("seed").set_index("seed")
+        row = {"ablation": name, "vs": against, "suite": suite, "seeds": len(runs)}
         for key, label, sign in METRICS:
             row[label] = float(runs[key].mean())
             paired = runs[key].index.intersection(ref.index)
-            if name == reference or paired.empty:
+            if name == against or paired.empty:
                 row[f"Δ {label}"], row[f"±95% {label}"], row[f"wins {label}"] = math.nan, math.nan, ""
                 continue
             delta = runs.loc[paired, key] - ref.loc[paired, key]
@@ -86,12 +97,13 @@ def markdown(table: pd.DataFrame, reference: str) -> str:
     metric_cols = []
     for _, label, _ in METRICS:
         metric_cols += [label, f"Δ {label}", f"±95% {label}", f"wins {label}"]
-    header = ["ablation", "seeds", *metric_cols, *[label for _, label in LEDGER]]
+    header = ["ablation", "vs", "seeds", *metric_cols, *[label for _, label in LEDGER]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         name = f"**{row['ablation']}**" if row["ablation"] in ("full_cls", reference) else row["ablation"]
-        cells = [name, str(int(row["seeds"]))]
-        for col in header[2:]:
+        vs = "—" if row["vs"] == row["ablation"] else row["vs"]
+        cells = [name, vs, str(int(row["seeds"]))]
+        for col in header[3:]:
             digits = 1 if col == "buffer MB" else (0 if col in [label for _, label in LEDGER] else 3)
             cells.append(_fmt(row[col], digits) if digits else _fmt_int(row[col]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -119,7 +131,8 @@ def write(suites: list[str], reference: str, output: str | os.PathLike, preamble
     parts = [preamble.strip(), ""] if preamble else []
     for view in ("system", "base"):
         parts += [f"## {view} view", "",
-                  f"Mean over seeds; Δ = paired mean (same seed) minus `{reference}`, ±95% = t-interval half-width; "
+                  f"Mean over seeds; Δ = paired mean (same seed) minus the `vs` ablation (`{reference}`, or for a "
+                  f"variant `<preset>__<v>` its own `{reference}__<v>`), ±95% = t-interval half-width; "
                   "wins = seeds where the ablation is better (higher accuracy/plasticity, lower forgetting). Ledger: "
                   "means per run (steps, rows in gradients, forward-only passes, Fisher backwards, buffer MB).", "",
                   markdown(view_table(frame, view, reference), reference), ""]
