@@ -279,3 +279,34 @@ def test_a_sleep_replays_every_recent_episode_once_before_any_twice():
     assert sorted(first) == list(range(101, 121))  # one pass: each once
     second = [e.step for _ in range(5) for e in queue.take(4)]
     assert sorted(second) == list(range(101, 121)) and second != first  # the next pass, reshuffled
+
+
+def test_teacher_better_keeps_only_tokens_where_the_teacher_is_more_right_than_the_student():
+    from biollm_cls.sleep import teacher_better
+
+    ids = torch.tensor([[0, 1], [0, 1], [2, 3]])
+    teacher = torch.tensor([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0]])  # teacher favours id 0, id 1, id 2
+    student = torch.zeros(3, 5)
+    student[:, 1] = 3.0  # the student favours id 1 everywhere
+    gold = torch.tensor([0, 0, 4])
+    # row 0: the teacher is right, the student wrong -> keep; row 1: both favour id 1 equally, so neither gives
+    # the gold id 0 more -> drop; row 2: gold 4 is outside the teacher's top k (0 for the teacher) -> drop.
+    assert teacher_better(student, teacher, ids, gold).tolist() == [True, False, False]
+
+
+def test_the_gated_distillation_ignores_a_worse_teacher(awake):
+    """With distill_gate=teacher_better, a teacher that is wrong on every token leaves only the CE."""
+    cfg, learner, stream, replay, _ = awake
+    cfg.consolidation.target_ce_weight = 1.0
+    batch = collate(replay.sample(8), stream.pad_id)
+    values, ids = system_topk(learner, batch, cfg.replay.teacher_topk)
+    n_replay = len(batch)
+    gold = batch.targets[batch.supervised]
+    wrong_ids = (gold.unsqueeze(1) + 1 + torch.arange(ids.shape[1]).unsqueeze(0)) % stream.vocab_size
+    cfg.consolidation.distill_gate = "teacher_better"
+    distill, target_ce, applied = sleep_step(learner, batch, values, wrong_ids.to(ids.dtype), n_replay, cfg,
+                                             OnlineEWC(0.0, 0.9))
+    assert applied and float(distill) == 0.0 and float(target_ce) > 0
+    cfg.consolidation.distill_gate = "none"
+    distill, _, _ = sleep_step(learner, batch, values, wrong_ids.to(ids.dtype), n_replay, cfg, OnlineEWC(0.0, 0.9))
+    assert float(distill) > 0

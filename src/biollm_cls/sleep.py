@@ -109,6 +109,16 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1) * (t * t)  # (N,)
 
 
+def teacher_better(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_ids: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the teacher gives the gold token more probability than the student, both renormalised over
+    the teacher's k ids (as in `topk_kl`); a gold token outside the teacher's top k counts as 0 for it."""
+    hit = teacher_ids.long() == targets.unsqueeze(1)  # (N, k)
+    p_teacher = (torch.softmax(teacher_values.float(), -1) * hit).sum(-1)  # (N,)
+    p_student = (torch.softmax(student_logits.float().gather(1, teacher_ids.long()), -1) * hit).sum(-1)  # (N,)
+    return p_teacher > p_student
+
+
 def stored_teacher(episodes: list[Episode], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.cat([e.teacher_values for e in episodes]).to(device, non_blocking=True)
     ids = torch.cat([e.teacher_ids for e in episodes]).to(device, non_blocking=True)
@@ -252,11 +262,20 @@ def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: to
         hidden = learner.base_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
         logits = learner.logits(hidden[sup]).float()  # (N, V)
     c = cfg.consolidation
-    distill = topk_kl(logits, t_values, t_ids, c.distill_temperature).mean() if t_values is not None \
-        else torch.zeros((), device=logits.device)
+    # replay rows come first; pseudo rows have no ground truth (a host sync: only when ground truth is used)
+    uses_truth = c.target_ce_weight > 0 or c.distill_gate != "none"
+    n_replay_tokens = int(sup[:n_replay].sum()) if uses_truth else 0
+    distill = torch.zeros((), device=logits.device)
+    if t_values is not None:
+        per_token = topk_kl(logits, t_values, t_ids, c.distill_temperature)  # (N,)
+        if c.distill_gate == "teacher_better":
+            keep = torch.ones_like(per_token)
+            keep[:n_replay_tokens] = teacher_better(logits[:n_replay_tokens].detach(), t_values[:n_replay_tokens],
+                                                    t_ids[:n_replay_tokens], batch.targets[sup][:n_replay_tokens])
+            per_token = per_token * keep
+        distill = per_token.mean()
     target_ce = torch.zeros((), device=logits.device)
     if c.target_ce_weight > 0:
-        n_replay_tokens = int(sup[:n_replay].sum())
         target_ce = F.cross_entropy(logits[:n_replay_tokens], batch.targets[sup][:n_replay_tokens])
     loss = c.distill_weight * distill + c.target_ce_weight * target_ce
     if not torch.isfinite(loss):

@@ -129,6 +129,10 @@ class ConsolidationConfig:
     # total_rows (that run's fast + base gradient rows all go to the base)
     sleep_plan_match: str = "base_rows"
     distill_temperature: float = 1.0
+    # which replayed tokens sleep distils: all (none), or only those where the stored teacher gives the gold
+    # token more probability than the base does (teacher_better, CLS-ER's choice of target): a teacher stored
+    # while the task was new can be worse than the base that has consolidated it since. Pseudo rows: always.
+    distill_gate: str = "none"
     hippocampal_replay: bool = False  # the hippocampus also relearns each sleep batch on the consolidated base
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
 
@@ -230,6 +234,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "replay.teacher": ("stored_topk", "recompute"),
     "consolidation.pseudo_source": ("mixed", "replay_echo", "random_tokens"),
     "consolidation.sleep_plan_match": ("base_rows", "total_rows"),
+    "consolidation.distill_gate": ("none", "teacher_better"),
     "ewc.fisher_update": ("sleep", "boundary"),
     "ewc.fisher_dtype": ("fp32", "bf16"),
     "train.amp_dtype": ("bf16", "fp16"),
