@@ -16,7 +16,7 @@
 #   uv run snakemake results/<suite>/runs/<ablation>/seed<seed>/summary.json --force --cores 1   # one run
 # See docs/pipeline.md.
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -29,25 +29,8 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-def _validate_suite_config():
-    """The suite config against its schema; a failure is one line naming the key and the fix, exit code 2
-    (Snakemake's own report is a multi-line traceback with exit code 1)."""
-    import sys
-
-    import jsonschema
-    import yaml
-
-    schema = yaml.safe_load(open(workflow.source_path("workflow/schemas/config.schema.yaml")))
-    error = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(schema).iter_errors(config))
-    if error is not None:
-        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        print(f"error: suite config {key}: {error.message}; fix it in the --configfile (the keys and their types: "
-              f"workflow/schemas/config.schema.yaml)", file=sys.stderr)
-        sys.exit(2)
-    validate(config, "workflow/schemas/config.schema.yaml")  # also fills the schema's defaults
-
-
-_validate_suite_config()
+# The suite config is checked against workflow/schemas/config.schema.yaml first thing in rules/common.smk
+# (one error line, exit code 2).
 
 
 report: "workflow/report/workflow.rst"

@@ -389,5 +389,5 @@ def test_a_reset_expert_learns_at_no_more_than_the_learning_rate():
     for _ in range(40):
         before = hip.w_out.detach().clone()
         step()
-        largest = max(largest, float((hip.w_out[1] - before[1]).abs().max()))
+        largest = max(largest, float((hip.w_out[1].detach() - before[1]).abs().max()))
     assert 0 < largest <= lr * 1.001

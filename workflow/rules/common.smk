@@ -2,10 +2,30 @@
 # their paths and parameters from the functions here and call the library's CLI.
 
 import os
+import sys
 from pathlib import Path
 
+import jsonschema
+import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
+
+def validate_suite_config():
+    """The suite config against its schema; a failure is one line naming the key and the fix, exit code 2
+    (Snakemake's own report is a multi-line traceback with exit code 1)."""
+    schema_path = workflow.source_path("../schemas/config.schema.yaml")
+    schema = yaml.safe_load(open(schema_path))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        print(f"error: suite config {key}: {error.message}; fix it in the --configfile (the keys and their types: "
+              f"workflow/schemas/config.schema.yaml)", file=sys.stderr)
+        sys.exit(2)
+    validate(config, "../schemas/config.schema.yaml")  # also fills in the schema's defaults
+
+
+validate_suite_config()
 RESULTS = f"results/{config['suite_name']}"
 PACK_DIR = f"{RESULTS}/data/pack"
 BASE_CHECKPOINT = f"{RESULTS}/data/base.pt"
