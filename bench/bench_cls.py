@@ -336,8 +336,11 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
     n_params = sum(p.numel() for p in neo.parameters())
     n_fwd = forward_params(neo, V)
     compile_ = not args.no_compile and (device.type == "cuda" or args.compile_cpu)
-    if compile_:
-        torch._dynamo.reset()  # a fresh model per shape: no guards or graphs of the last one
+    if compile_ and not cfg.train.compile_model:
+        # a fresh model per shape: no guards or graphs of the last one. With the library's own regional
+        # compilation (train.compile_model) the layer graphs are kept: they take every model's weights as
+        # inputs and become shape-dynamic after the first new shape, as in a real run
+        torch._dynamo.reset()
     timer = Timer(device, args.warmup, args.steps, args.profile_dir, args.label, f"{B}x{T}")
     batches = random_batches(4, B, T, V, device, seed=1)
     res: dict = {"B": B, "T": T, "tokens": B * T, "n_params": n_params, "n_forward_params": n_fwd,
@@ -346,7 +349,11 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
                  "base_optimizer": {k: v for k, v in learner.base_optimizer.defaults.items()
                                     if k in ("fused", "foreach", "weight_decay")},
                  "deterministic": cfg.train.deterministic, "amp": str(learner.precision.dtype),
-                 "pass_attention_mask": getattr(neo, "pass_attention_mask", None)}
+                 "pass_attention_mask": getattr(neo, "pass_attention_mask", None),
+                 "library_compile": cfg.train.compile_model, "can_resume": learner.can_resume,
+                 # refresh: a base pass plus a system pass, which resumes at the injection point when it can
+                 "refresh_passes": 1 + ((neo.num_layers - neo.injection_layer_idx - 1) / neo.num_layers
+                                        if learner.can_resume else 1)}
     ac = learner.precision.autocast
 
     # -- plain fine-tuning of the base as before (the old unit, kept for continuity)
@@ -517,6 +524,8 @@ def derive_figures(res: dict, cuda: bool) -> None:
     B, T, n_fwd, peak = res["B"], res["T"], res["n_forward_params"], res["peak_flops"]
     for key, (passes, k) in WORK.items():
         v = res[key]
+        if key.startswith("refresh"):
+            passes = res.get("refresh_passes", passes)
         paired = v.get("paired_median_s", {})
         if key != "plain_ft":
             v["ratio_vs_plain"] = v["median_s"] / paired.get("plain_ft", res["plain_ft"]["median_s"])

@@ -83,7 +83,9 @@ def test_cpu_smoke_run_and_report(bench, model_dir, tmp_path, capsys):
     assert strong["params_with_grad"] == strong["params"]
     for key in PHASES[2:]:  # every later phase is interleaved with both plain FT steps
         assert set(s[key]["paired_median_s"]) == {"plain_ft", "plain_ft_strong"}, key
-    assert s["refresh"]["flops_per_step"] == 2 * 2 * s["n_forward_params"] * s["refresh"]["tokens"]
+    # refresh: a base pass + a system pass that resumes at the injection point (the upper layers' share of a pass)
+    assert s["can_resume"] and 1 < s["refresh_passes"] < 2
+    assert s["refresh"]["flops_per_step"] == 2 * s["refresh_passes"] * s["n_forward_params"] * s["refresh"]["tokens"]
     assert s["sleep"]["flops_per_step"] == 6 * s["n_forward_params"] * s["sleep"]["tokens"]
 
     md = tmp_path / "t.md"

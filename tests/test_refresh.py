@@ -7,7 +7,7 @@ import torch
 
 from biollm_cls.benchmarks.toy import ToyStream
 from biollm_cls.ewc import OnlineEWC
-from biollm_cls.refresh import refresh_experts
+from biollm_cls.refresh import expert_absorption, refresh_experts
 from biollm_cls.replay import ReservoirReplay, episodes_from_batch
 from biollm_cls.wake import wake_step
 
@@ -122,17 +122,49 @@ def test_only_absorbed_experts_are_reset(tiny_cfg, make_learner):
     assert torch.equal(hip.w_in[[0, 2]], hip.w_in_init[[0, 2]])
 
 
-def test_two_forward_passes_whatever_the_number_of_experts(tiny_cfg, make_learner):
+def count_resume_calls(learner) -> list[int]:
+    calls = [0]
+    original = learner.neocortex.resume
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    learner.neocortex.resume = counted
+    return calls
+
+
+def test_one_base_pass_and_one_system_pass_whatever_the_number_of_experts(tiny_cfg, make_learner):
+    """The system pass resumes from the base pass's injection-point state (the lower layers run once); a
+    neocortex that cannot resume runs two full passes."""
     for num_experts in (2, 4, 8):
-        cfg = tiny_cfg
-        cfg.experts.num_experts, cfg.experts.top_k = num_experts, 1
-        learner = make_learner(cfg)
-        set_experts(learner.hippocampus, negligible=[], strong=list(range(num_experts)))
-        replay = routed_replay(cfg, learner)
-        calls = count_hidden_calls(learner)
-        report = refresh_experts(learner, replay, cfg, pad_id=0)
-        assert report.tested == num_experts
-        assert calls[0] == 2, num_experts  # one base pass and one system pass
+        for can_resume in (True, False):
+            cfg = tiny_cfg
+            cfg.experts.num_experts, cfg.experts.top_k = num_experts, 1
+            learner = make_learner(cfg)
+            learner.neocortex.can_resume = can_resume
+            set_experts(learner.hippocampus, negligible=[], strong=list(range(num_experts)))
+            replay = routed_replay(cfg, learner)
+            full, resumed = count_hidden_calls(learner), count_resume_calls(learner)
+            report = refresh_experts(learner, replay, cfg, pad_id=0)
+            assert report.tested == num_experts
+            assert (full[0], resumed[0]) == ((1, 1) if can_resume else (2, 0)), (num_experts, can_resume)
+
+
+def test_absorption_is_the_same_resumed_or_not_and_in_any_chunking(tiny_cfg, make_learner):
+    cfg = tiny_cfg
+    learner = make_learner(cfg)
+    set_experts(learner.hippocampus, negligible=[1], strong=[0, 2, 3])
+    replay = routed_replay(cfg, learner, per_expert=3)
+    reference = expert_absorption(learner, replay, 3, pad_id=0, chunk_tokens=10**6)
+    learner.neocortex.can_resume = False
+    for chunk_tokens in (1, 40, 10**6):  # a row per chunk, a few rows, all rows
+        other = expert_absorption(learner, replay, 3, pad_id=0, chunk_tokens=chunk_tokens)
+        for field in ("teacher_kl", "base_ce", "system_ce"):
+            a, b = getattr(reference, field), getattr(other, field)
+            assert a.keys() == b.keys() and len(a) == cfg.experts.num_experts
+            assert all(abs(a[e] - b[e]) < 1e-5 for e in a), (field, chunk_tokens, a, b)
+    assert reference.base_ce != reference.system_ce  # the experts matter, so the system view was really used
 
 
 def test_reset_factor_one_or_more_disables_refresh(tiny_cfg, make_learner):

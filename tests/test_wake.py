@@ -70,3 +70,33 @@ def test_full_cls_wake_never_moves_the_base(tiny_cfg, make_learner):
     assert learner.hippocampus.expert_drift.sum() > 0  # the hippocampus did learn
     for k, v in learner.neocortex.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_the_teacher_resumed_from_the_injection_point_equals_a_full_pass(tiny_cfg, make_learner):
+    """Perf path: with a frozen base, the post-update teacher starts from the training pass's injection-point
+    state. Same teacher, same row losses, same update as the full second pass."""
+    cfg = tiny_cfg
+    cfg.experts.fast_lr = 3e-2
+    batch = ToyStream(cfg).train_batch(1, 8)
+    outs = []
+    for can_resume in (True, False):
+        learner = make_learner(cfg)
+        learner.neocortex.can_resume = can_resume
+        calls = _count_full_passes(learner)
+        outs.append((wake_step(learner, batch, cfg, OnlineEWC(0.0, 0.9), len(batch), keep_teacher=True), calls[0]))
+    (resumed, n_resumed), (full, n_full) = outs
+    assert (n_resumed, n_full) == (1, 2)  # the lower layers ran once, not twice
+    torch.testing.assert_close(resumed.teacher_values, full.teacher_values)
+    assert torch.equal(resumed.teacher_ids, full.teacher_ids)
+    torch.testing.assert_close(resumed.row_loss, full.row_loss)
+
+
+def _count_full_passes(learner) -> list[int]:
+    calls, original = [0], learner.neocortex.hidden
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    learner.neocortex.hidden = counted
+    return calls

@@ -48,23 +48,48 @@ class Learner:
     precision: Precision
     device: torch.device
     last_routing: list[Routing] = field(default_factory=list)
+    last_split: torch.Tensor | None = None  # [B,T,H] base state at the injection point (keep_split passes)
 
     def system_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      track_stats: bool = False) -> torch.Tensor:
-        """Base + hippocampus in one pass; the routing of this call is left in `last_routing`."""
+                      track_stats: bool = False, keep_split: bool = False) -> torch.Tensor:
+        """Base + hippocampus in one pass; the routing of this call is left in `last_routing`.
+        `keep_split`: also leave the base's hidden state at the injection point in `last_split` (detached)."""
         if self.hippocampus is None:
-            return self.neocortex.hidden(input_ids, attention_mask)
+            return self.base_hidden(input_ids, attention_mask, keep_split)
         self.last_routing.clear()
 
         def inject(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            if keep_split:
+                self.last_split = h.detach()
             delta, routing = self.hippocampus(h, mask, track_stats=track_stats)  # (B, T, H)
             self.last_routing.append(routing)
             return delta
 
         return self.neocortex.hidden(input_ids, attention_mask, inject=inject)
 
-    def base_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.neocortex.hidden(input_ids, attention_mask)
+    def base_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    keep_split: bool = False) -> torch.Tensor:
+        if not keep_split:
+            return self.neocortex.hidden(input_ids, attention_mask)
+
+        def keep(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            self.last_split = h.detach()
+            return torch.zeros_like(h)
+
+        return self.neocortex.hidden(input_ids, attention_mask, inject=keep)
+
+    @property
+    def can_resume(self) -> bool:
+        """Whether the neocortex can run its upper layers alone from a kept injection-point state."""
+        return bool(getattr(self.neocortex, "can_resume", False))
+
+    def system_hidden_from_split(self, split: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The system's final hidden state from the base's state at the injection point [B,T,H] (`last_split`
+        of an earlier pass): the hippocampus and the upper layers only. Perf, exact where the lower stack gave
+        that state unchanged (a base that did not learn in between, in eval mode)."""
+        delta, routing = self.hippocampus(split, attention_mask)  # (B, T, H)
+        self.last_routing[:] = [routing]
+        return self.neocortex.resume(split + delta.to(split.dtype), attention_mask)
 
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

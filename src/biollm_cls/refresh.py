@@ -7,7 +7,8 @@ below ``consolidation.refresh.kl_threshold`` — or the base is already at least
 episodes' ground truth (a base trained on the ground truth moves away from a wrong teacher) — the expert
 is partially reset toward its initial weights
 (``theta <- theta0 + reset_factor * (theta - theta0)``) and its optimizer moments are cleared, so it can
-learn something new. All experts are tested in one batch: one base pass and one system pass in total.
+learn something new. All experts are tested together (rows in chunks): one base pass and one system pass over
+their rows, the system pass starting from the base pass's state at the injection point where the neocortex allows.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ class Absorption:
 
 
 @torch.no_grad()
-def expert_absorption(learner: Learner, replay: ReservoirReplay, samples_per_expert: int, pad_id: int
-                      ) -> Absorption:
-    """Absorption of every expert on its own routed episodes, in one batch: a base pass and a system pass."""
+def expert_absorption(learner: Learner, replay: ReservoirReplay, samples_per_expert: int, pad_id: int,
+                      chunk_tokens: int = 16384) -> Absorption:
+    """Absorption of every expert on its own routed episodes: all experts' rows together, a chunk of rows
+    (`chunk_tokens` positions) at a time, each a base pass and a system pass (the latter from the base's
+    injection-point state)."""
     hip = learner.hippocampus
     rows, owners = [], []
     for e, episodes in enumerate(replay.sample_per_expert(hip.num_experts, samples_per_expert)):
@@ -59,32 +62,58 @@ def expert_absorption(learner: Learner, replay: ReservoirReplay, samples_per_exp
                 owners.append(e)
     if not rows:
         return Absorption({}, {}, {})
-    batch = collate(rows, pad_id).to(learner.device)
     owner = torch.tensor(owners, device=learner.device)
-    values = torch.cat([ep.teacher_values for ep in rows]).to(learner.device)  # (N, k)
-    ids = torch.cat([ep.teacher_ids for ep in rows]).to(learner.device)  # (N, k)
-    sup = batch.supervised
-    targets = batch.targets[sup]  # (N,)
     was = learner.neocortex.training
     learner.neocortex.eval()
-    with learner.precision.autocast():
-        base = learner.logits(learner.base_hidden(batch.input_ids, batch.attention_mask)[sup]).float()  # (N, V)
-        system = learner.logits(learner.system_hidden(batch.input_ids, batch.attention_mask)[sup]).float()
+    # [3, rows]: per row, the mean per-token KL(teacher || base), CE of the base, CE of the system. In chunks of
+    # at most `chunk_tokens` positions: the [N, V] logits of all rows at once are GBs at long sequences (64 rows
+    # x 1024 tokens x 16k vocab); short rows still go in one batch (few, large passes).
+    per_row = torch.cat([_row_scores(learner, chunk, pad_id) for chunk in _chunks(rows, chunk_tokens)], dim=1)
     learner.neocortex.train(was)
-    token_rows = supervised_rows(sup)
     counts = torch.bincount(owner, minlength=hip.num_experts).float()
+    total = torch.zeros(3, hip.num_experts, device=learner.device).index_add_(1, owner, per_row)
+    mean = (total / counts.clamp(min=1)).tolist()  # the one host sync
+    experts = [e for e in range(hip.num_experts) if counts[e] > 0]
+    kl, base_ce, system_ce = ({e: m[e] for e in experts} for m in mean)
+    return Absorption(teacher_kl=kl, base_ce=base_ce, system_ce=system_ce)
 
-    def per_expert(token_values: torch.Tensor) -> dict[int, float]:  # [N] per token -> {expert: mean}
-        row = per_row_mean(token_values, token_rows, len(rows))  # (rows,)
-        total = torch.zeros(hip.num_experts, device=learner.device).index_add_(0, owner, row)
-        mean = (total / counts.clamp(min=1)).tolist()
-        return {e: mean[e] for e in range(hip.num_experts) if counts[e] > 0}
 
-    return Absorption(
-        teacher_kl=per_expert(topk_kl(base, values, ids)),
-        base_ce=per_expert(F.cross_entropy(base, targets, reduction="none")),
-        system_ce=per_expert(F.cross_entropy(system, targets, reduction="none")),
-    )
+def _chunks(rows: list, chunk_tokens: int) -> list[list]:
+    """Consecutive groups of rows whose padded batch (rows x longest row) stays within `chunk_tokens`."""
+    out, group, longest = [], [], 0
+    for row in rows:
+        longest_with = max(longest, len(row.input_ids))
+        if group and longest_with * (len(group) + 1) > chunk_tokens:
+            out.append(group)
+            group, longest_with = [], len(row.input_ids)
+        group.append(row)
+        longest = longest_with
+    return out + [group] if group else out
+
+
+def _row_scores(learner: Learner, rows: list, pad_id: int) -> torch.Tensor:
+    """[3, len(rows)] per-row mean per-token (KL(teacher || base), CE base, CE system), eval mode, no grad.
+    Perf: the system view starts from the base pass's injection-point state where the neocortex can resume
+    (the same base weights, so the same state): the lower layers run once for both views."""
+    batch = collate(rows, pad_id).to(learner.device)
+    values = torch.cat([ep.teacher_values for ep in rows]).to(learner.device, non_blocking=True)  # (N, k)
+    ids = torch.cat([ep.teacher_ids for ep in rows]).to(learner.device, non_blocking=True)  # (N, k)
+    sup = batch.supervised
+    targets = batch.targets[sup]  # (N,)
+    resume = learner.can_resume
+    with learner.precision.autocast():
+        base = learner.logits(learner.base_hidden(batch.input_ids, batch.attention_mask, keep_split=resume)[sup])
+        base = base.float()  # (N, V)
+        if resume:
+            system_h = learner.system_hidden_from_split(learner.last_split, batch.attention_mask)
+            learner.last_split = None
+        else:
+            system_h = learner.system_hidden(batch.input_ids, batch.attention_mask)
+        system = learner.logits(system_h[sup]).float()  # (N, V)
+    token_rows = supervised_rows(sup)
+    scores = (topk_kl(base, values, ids), F.cross_entropy(base, targets, reduction="none"),
+              F.cross_entropy(system, targets, reduction="none"))  # 3 x (N,)
+    return torch.stack([per_row_mean(v, token_rows, len(rows)) for v in scores])  # (3, rows)
 
 
 def refresh_experts(learner: Learner, replay: ReservoirReplay, cfg: RunConfig, pad_id: int) -> RefreshReport:

@@ -198,11 +198,25 @@ def build_run(cfg: RunConfig, restart_stale: bool = False) -> Run:
     return run
 
 
+def compile_neocortex(neocortex: torch.nn.Module, **options) -> None:
+    """``train.compile_model``: regional compilation, each decoder layer under `torch.compile` (one compiled
+    layer serves every layer, the base and the system views, train and eval). Shapes vary between wake, sleep,
+    refresh, the Fisher pass and evaluation, and grad mode / train mode / mask-or-none each make a variant:
+    room for them all in dynamo's cache, or it would fall back to eager without a word."""
+    import torch._dynamo
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    neocortex.compile_layers(**options)
+
+
 def build_learner(cfg: RunConfig, device: torch.device) -> Learner:
     trains_base = not cfg.train.ablation_no_sleep or cfg.consolidation.wake_base_lr_scale > 0
     neocortex = build_neocortex(cfg.model, device, trains_base=trains_base)
     for p in neocortex.parameters():
         p.requires_grad_(trains_base)
+    if cfg.train.compile_model:
+        compile_neocortex(neocortex)
     base_params = [p for p in neocortex.parameters() if p.requires_grad]
     # On CUDA the fused AdamW kernel: bench/RESULTS_notes.md measured ~1 GB less peak memory in plain FT and in
     # sleep at the Qwen-0.5B shape (no foreach temporaries); the CPU keeps the default (and its numbers).

@@ -58,8 +58,12 @@ def wake_step(learner: Learner, batch: Batch, cfg: RunConfig, ewc: OnlineEWC, st
     sup = batch.supervised  # (B, T)
     # Perf: a base that does not learn in this step is not tracked by autograd (see Learner.frozen_base).
     frozen = learner.frozen_base() if hip is not None and not base_trains else contextlib.nullcontext()
+    # Perf: a frozen base in eval mode gives the same injection-point state after the update, so the post-update
+    # teacher re-runs only the hippocampus and the upper layers from it (see _post_update_teacher).
+    resume = keep_teacher and hip is not None and not base_trains and learner.can_resume
     with frozen, learner.precision.autocast():
-        hidden = learner.system_hidden(batch.input_ids, batch.attention_mask, track_stats=hip is not None)
+        hidden = learner.system_hidden(batch.input_ids, batch.attention_mask, track_stats=hip is not None,
+                                       keep_split=resume)
         logits = learner.logits(hidden[sup]).float()  # (N, V)
     targets = batch.targets[sup]  # (N,)
     token_loss = F.cross_entropy(logits, targets, reduction="none")  # (N,)
@@ -85,8 +89,10 @@ def wake_step(learner: Learner, batch: Batch, cfg: RunConfig, ewc: OnlineEWC, st
     row_loss = per_row_mean(token_loss.detach(), rows, len(batch))[:stream_rows].cpu()
     teacher_values = teacher_ids = None
     if keep_teacher:  # the teacher is the system *after* this update: what sleep should consolidate
+        split = learner.last_split[:stream_rows] if resume else None
         teacher_values, teacher_ids, row_loss = _post_update_teacher(learner, batch, stream_rows,
-                                                                     cfg.replay.teacher_topk)
+                                                                     cfg.replay.teacher_topk, split)
+    learner.last_split = None
     ids, weights, share = _routing_record(routing, batch, stream_rows)
     return WakeOutcome(
         loss=float(ce.detach()), accuracy=acc_value, reward_mult=mult, routing_reg=float(reg.detach()),
@@ -96,16 +102,19 @@ def wake_step(learner: Learner, batch: Batch, cfg: RunConfig, ewc: OnlineEWC, st
 
 
 @torch.no_grad()
-def _post_update_teacher(learner: Learner, batch: Batch, stream_rows: int, k: int):
+def _post_update_teacher(learner: Learner, batch: Batch, stream_rows: int, k: int,
+                         split: torch.Tensor | None = None):
     """One forward-only pass of the updated system on the new rows, eval mode: ([N,k] fp16 top-k logits,
     [N,k] int32 ids, [B_stream] CE per row). Storing the pre-update logits instead would make sleep distil
-    the system as it was before it learned the batch (top-1 0.23 vs 0.44 on a task's first steps)."""
+    the system as it was before it learned the batch (top-1 0.23 vs 0.44 on a task's first steps).
+    `split` [B_stream,T,H]: the training pass's injection-point state (frozen base): the pass then starts there."""
     new = batch.input_ids[:stream_rows], batch.attention_mask[:stream_rows]
     sup, targets = batch.supervised[:stream_rows], batch.targets[:stream_rows]
     was = learner.neocortex.training
     learner.neocortex.eval()
     with learner.precision.autocast():
-        logits = learner.logits(learner.system_hidden(*new)[sup]).float()  # (N, V)
+        hidden = learner.system_hidden(*new) if split is None else learner.system_hidden_from_split(split, new[1])
+        logits = learner.logits(hidden[sup]).float()  # (N, V)
     learner.neocortex.train(was)
     token_loss = F.cross_entropy(logits, targets[sup], reduction="none")  # (N,)
     row_loss = per_row_mean(token_loss, supervised_rows(sup), stream_rows).cpu()

@@ -393,3 +393,74 @@ def test_hippocampus_trains_through_the_upper_layers(zoo, batch, arch):
     opt.step()
     assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert not any(p.grad is not None for p in neo.parameters())  # the base was not touched
+
+
+# ---- resuming from the injection point (perf path of wake's teacher and refresh) ---------------------
+# Rotary models resume exactly; GPT-2 and OPT add position embeddings to `inputs_embeds`, so a resumed pass
+# would add them twice: the load-time check must find that and switch resuming off.
+RESUMES = {"llama": True, "qwen2": True, "gpt_neox": True, "gpt2": False, "opt": False}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_resume_reproduces_the_system_pass_or_is_switched_off(zoo, batch, arch):
+    neo = zoo.neo(arch)
+    assert neo.can_resume is RESUMES[arch]
+    ids, mask = batch
+    source = torch.randn(neo.hidden_size, generator=torch.Generator().manual_seed(5))
+    kept: list[torch.Tensor] = []
+
+    def inject(h, m):
+        kept.append(h)
+        return const_delta(source)(h, m)
+
+    with torch.no_grad():
+        full = neo.hidden(ids, mask, inject=inject)  # (B, T, H)
+        if not neo.can_resume:
+            with pytest.raises(RuntimeError, match="can_resume"):
+                neo.resume(kept[0], mask)
+            return
+        resumed = neo.resume(kept[0] + source.expand_as(kept[0]), mask)
+    real = mask.bool()
+    torch.testing.assert_close(resumed[real], full[real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, neo.hidden(ids, mask)), "the delta must matter for this check to mean anything"
+
+
+def test_resume_leaves_the_stack_in_place(zoo, batch):
+    neo = zoo.neo("qwen2")
+    ids, mask = batch
+    keys = list(neo.state_dict())
+    with torch.no_grad():
+        neo.resume(torch.randn(2, 8, neo.hidden_size), mask)
+    assert list(neo.state_dict()) == keys
+    torch.testing.assert_close(neo.hidden(ids, mask), zoo.ref("qwen2").model(ids, attention_mask=mask).last_hidden_state)
+
+
+def test_compiled_layers_give_the_eager_output_without_recompiling_per_call(zoo, batch):
+    """Regional compilation (train.compile_model), traced by dynamo with the eager backend (no C++ build on the
+    CI machine): the same numbers, and a bounded set of graphs over base/system, train/eval, grad/no-grad."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    neo = build_neocortex(zoo.cfg("qwen2"), device=CPU)
+    ids, mask = batch
+    hip = Hippocampus(neo.hidden_size, ExpertsConfig(num_experts=4, expert_hidden=8, top_k=2))
+    with torch.no_grad():
+        hip.w_out.normal_()
+    inject = lambda h, m: hip(h, m)[0]  # noqa: E731
+    eager = [neo.hidden(ids, mask), neo.hidden(ids, mask, inject=inject)]
+    from biollm_cls.train import compile_neocortex
+
+    compile_neocortex(neo, backend="eager")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for _ in range(3):
+        compiled = [neo.hidden(ids, mask), neo.hidden(ids, mask, inject=inject)]
+        neo.train()
+        neo.hidden(ids, mask, inject=inject).sum().backward()
+        neo.eval()
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 4, graphs  # eval/no-grad, train/grad (and dynamo's split variants), not one per call
+    torch._dynamo.reset()

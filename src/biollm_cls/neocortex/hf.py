@@ -228,6 +228,9 @@ class HFNeocortex(nn.Module):
         # the module whose forward runs embeddings -> layers -> final norm: the parent of the stack
         self._parts["trunk"] = _getattr_path(self.model, self.layer_path.rsplit(".", 1)[0])
         self.hidden_size = self._text_config().hidden_size  # width at the injection point
+        self._parts["layers"] = layers
+        self._parts["upper"] = nn.ModuleList(list(layers)[self.injection_layer_idx + 1 :])
+        self.can_resume = self._check_resume()
 
     def _setup_legacy(self) -> None:
         if not self.cfg.hf_allow_legacy_injection_fallback:
@@ -241,6 +244,7 @@ class HFNeocortex(nn.Module):
             stacklevel=3,
         )
         self.injection_mode = "legacy_head_only"
+        self.can_resume = False
         self.num_layers = int(getattr(self._text_config(), "num_hidden_layers", 0) or 0)
         self.injection_layer_idx = -1
         self._parts["split_layer"] = None
@@ -286,6 +290,64 @@ class HFNeocortex(nn.Module):
             out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self._full_forward_hidden(input_ids, attention_mask)
+
+    # ---- resuming from the injection point -----------------------------------------------------------
+    def resume(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B,T,H] at the injection point (layer pre-1's output, delta included) -> final-normed hidden
+        [B,T,H']: only the upper layers run. Perf: a frozen lower stack gives the same h before and after a
+        hippocampal update, so the post-update teacher (wake) and the system view beside a base view (refresh)
+        need not re-run it. The model's own code does the work: its trunk runs with the stack swapped for the
+        upper layers and ``inputs_embeds=h`` (positions, masks and the final norm as in a full pass). Checked
+        against a full pass at load (`_check_resume`); False there means this is never used."""
+        if not self.can_resume:
+            raise RuntimeError("HFNeocortex.resume: not available for this model (can_resume is False)")
+        return self._resume(h, attention_mask)
+
+    def _resume(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.pass_attention_mask:
+            attention_mask = None
+        trunk, name = self._parts["trunk"], self.layer_path.rsplit(".", 1)[1]
+        trunk._modules[name] = self._parts["upper"]  # plain swap, restored below (no module re-registration)
+        try:
+            out = trunk(inputs_embeds=h, attention_mask=attention_mask, use_cache=False)
+        finally:
+            trunk._modules[name] = self._parts["layers"]
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    @torch.no_grad()
+    def _check_resume(self) -> bool:
+        """Does `resume` reproduce a full pass on this model? Layer-type-dependent masks (sliding-window
+        layers mixed with full ones) are indexed by position in the stack, so a swapped stack is refused;
+        otherwise one short padded batch is compared (eval mode, as loaded). Embedding scaling or absolute
+        position embeddings added to ``inputs_embeds`` fail the comparison and disable resuming."""
+        types = getattr(self._text_config(), "layer_types", None) or []
+        if len(set(types)) > 1:
+            return False
+        vocab = min(self.model_vocab_size, self.vocab_size)
+        ids = torch.arange(10, device=self.model.device).remainder(vocab).view(2, 5)  # (2, 5)
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool, device=ids.device)
+        seen: list[torch.Tensor] = []
+
+        def capture(h: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+            seen.append(h)
+            return torch.zeros_like(h)
+
+        try:
+            full = self.hidden(ids, mask, inject=capture)  # (2, 5, H')
+            resumed = self._resume(seen[0], mask)
+        except Exception as err:  # an architecture whose trunk refuses inputs_embeds, ...
+            log.info("resume from the injection point is off for this model: %s", err)
+            return False
+        keep = mask.unsqueeze(-1)
+        err = ((full - resumed) * keep).abs().max() / full.abs().max().clamp(min=1e-6)
+        return bool(err < 1e-4)
+
+    def compile_layers(self, **options) -> None:
+        """Regional compilation: each decoder layer's forward under `torch.compile`. The injection hook stays
+        outside the compiled code (hooks run in ``Module.__call__``, around ``forward``), so the base and the
+        system views share one compiled layer."""
+        for layer in self._parts.get("layers") or []:
+            layer.forward = torch.compile(layer.forward, **options)
 
     def _full_forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Legacy path for a model with no separable trunk: its last hidden state (logits of one position)."""

@@ -78,6 +78,21 @@ class TinyNeocortex(nn.Module):
                 x = x + inject(x, attention_mask)  # h + delta, (B, T, C)
         return self.ln_f(x)
 
+    can_resume = True  # `resume` is exact here: the upper blocks see only the residual stream
+
+    def resume(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B,T,C] at the injection point (the lower stack's output, delta included) -> final hidden [B,T,C]:
+        the upper blocks only. Equal to `hidden(ids, inject=...)` when h is that pass's state there."""
+        x = h
+        for block in self.blocks[self.injection_layer + 1 :]:
+            x = block(x)
+        return self.ln_f(x)
+
+    def compile_layers(self, **options) -> None:
+        """Regional compilation: each block's forward under `torch.compile` (the injection stays eager)."""
+        for block in self.blocks:
+            block.forward = torch.compile(block.forward, **options)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (..., V)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from biollm_cls.suite.io import atomic_path
-from biollm_cls.suite.tables import BUDGET, SUITE_FILES
+from biollm_cls.suite.tables import SUITE_FILES
 
 METRICS = [("final_seen_acc_avg", "final seen acc", +1), ("final_forgetting", "forgetting", -1),
            ("plasticity", "plasticity", +1)]
