@@ -161,3 +161,14 @@ def per_row_mean(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> tor
     total = torch.zeros(num_rows, device=values.device, dtype=values.dtype).index_add_(0, rows, values)
     count = torch.zeros(num_rows, device=values.device, dtype=values.dtype).index_add_(0, rows, torch.ones_like(values))
     return total / count.clamp(min=1)
+
+
+def to_host(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """CPU copies of device tensors (None stays None): on CUDA every copy is issued asynchronously (into pinned
+    memory) and the host waits once for all of them, instead of one synchronising copy each."""
+    cuda = [t for t in tensors if t is not None and t.device.type == "cuda"]
+    if not cuda:
+        return [None if t is None else t.cpu() for t in tensors]
+    out = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
+    torch.cuda.current_stream(cuda[0].device).synchronize()
+    return out

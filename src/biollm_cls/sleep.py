@@ -257,28 +257,29 @@ def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: to
     # Perf: free the previous step's gradients before the forward, not after it (peak memory: the old
     # gradients and this step's activations are never alive together). Nothing reads .grad in between.
     learner.base_optimizer.zero_grad(set_to_none=True)
-    sup = batch.supervised  # (B, T)
+    T = batch.input_ids.shape[1]
+    # Supervised positions, row-major (the order of the stored teachers): the step's only other host sync
+    # (the size of the set) besides the finite check below.
+    flat = batch.supervised.flatten().nonzero().squeeze(1)  # (N,)
     with learner.precision.autocast():
         hidden = learner.base_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
-        logits = learner.logits(hidden[sup]).float()  # (N, V)
+        logits = learner.logits(hidden.flatten(0, 1)[flat]).float()  # (N, V)
     c = cfg.consolidation
-    # replay rows come first; pseudo rows have no ground truth (a host sync: only when ground truth is used)
-    uses_truth = c.target_ce_weight > 0 or c.distill_gate != "none"
-    n_replay_tokens = int(sup[:n_replay].sum()) if uses_truth else 0
+    targets = batch.targets.flatten()[flat]  # (N,)
+    is_replay = flat // T < n_replay  # (N,) replay rows come first; pseudo rows have no ground truth
     distill = torch.zeros((), device=logits.device)
     if t_values is not None:
         per_token = topk_kl(logits, t_values, t_ids, c.distill_temperature)  # (N,)
         if c.distill_gate == "teacher_better":
-            keep = torch.ones_like(per_token)
-            keep[:n_replay_tokens] = teacher_better(logits[:n_replay_tokens].detach(), t_values[:n_replay_tokens],
-                                                    t_ids[:n_replay_tokens], batch.targets[sup][:n_replay_tokens])
+            keep = teacher_better(logits.detach(), t_values, t_ids, targets) | ~is_replay
             per_token = per_token * keep
         distill = per_token.mean()
     target_ce = torch.zeros((), device=logits.device)
-    if c.target_ce_weight > 0:
-        target_ce = F.cross_entropy(logits[:n_replay_tokens], batch.targets[sup][:n_replay_tokens])
+    if c.target_ce_weight > 0:  # mean over the replay rows' tokens (a masked mean: no host sync for their count)
+        token_ce = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+        target_ce = (token_ce * is_replay).sum() / is_replay.sum().clamp(min=1)
     loss = c.distill_weight * distill + c.target_ce_weight * target_ce
-    if not torch.isfinite(loss):
+    if not torch.isfinite(loss):  # the step's host sync: a non-finite loss must not reach the weights
         return distill.detach(), target_ce.detach(), False
     learner.backward(loss)
     learner.step_optimizer(learner.base_optimizer, learner.base_parameters(), cfg.consolidation.slow_lr,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from biollm_cls.benchmarks.base import Batch
 from biollm_cls.config.schema import RunConfig
 from biollm_cls.ewc import OnlineEWC
-from biollm_cls.learner import Learner, per_row_mean, supervised_rows
+from biollm_cls.learner import Learner, per_row_mean, supervised_rows, to_host
 from biollm_cls.sleep import topk_kl
 
 
@@ -77,7 +77,9 @@ def wake_step(learner: Learner, batch: Batch, cfg: RunConfig, ewc: OnlineEWC, st
         loss = loss + cfg.replay.wake_distill_weight * topk_kl(logits[n_stream:], values, ids).mean()
     accuracy = (logits.detach().argmax(-1) == targets).float().mean()
 
-    acc_value, loss_value = float(accuracy), float(loss.detach())  # the step's one host sync
+    # The step's one host sync for its scalars (the reward needs the accuracy before the update).
+    acc_value, loss_value, ce_value, reg_value, n_supervised = torch.stack(
+        [accuracy, loss.detach(), ce.detach(), reg.detach().to(ce.device), sup.sum().float()]).tolist()
     finite = loss_value == loss_value and abs(loss_value) != float("inf")
     mult = 1.0
     if cfg.train.reward_from_correctness:
@@ -85,19 +87,23 @@ def wake_step(learner: Learner, batch: Batch, cfg: RunConfig, ewc: OnlineEWC, st
     if finite:
         _update(learner, loss, cfg, ewc, base_lr, mult)
 
-    rows = supervised_rows(sup)
-    row_loss = per_row_mean(token_loss.detach(), rows, len(batch))[:stream_rows].cpu()
     teacher_values = teacher_ids = None
     if keep_teacher:  # the teacher is the system *after* this update: what sleep should consolidate
         split = learner.last_split[:stream_rows] if resume else None
         teacher_values, teacher_ids, row_loss = _post_update_teacher(learner, batch, stream_rows,
                                                                      cfg.replay.teacher_topk, split)
+    else:
+        row_loss = per_row_mean(token_loss.detach(), supervised_rows(sup), len(batch))[:stream_rows]
     learner.last_split = None
     ids, weights, share = _routing_record(routing, batch, stream_rows)
+    # Everything the episodes keep leaves the device in one batch of asynchronous copies and one wait.
+    row_loss, teacher_values, teacher_ids, ids, weights, share = to_host(
+        row_loss, teacher_values, teacher_ids, ids, weights, share)
     return WakeOutcome(
-        loss=float(ce.detach()), accuracy=acc_value, reward_mult=mult, routing_reg=float(reg.detach()),
-        supervised_tokens=int(sup.sum()), batch_tokens=sup.numel(), applied=finite, row_loss=row_loss, expert_ids=ids,
-        expert_weights=weights, expert_share=share, teacher_values=teacher_values, teacher_ids=teacher_ids,
+        loss=ce_value, accuracy=acc_value, reward_mult=mult, routing_reg=reg_value,
+        supervised_tokens=int(n_supervised), batch_tokens=sup.numel(), applied=finite, row_loss=row_loss,
+        expert_ids=ids, expert_weights=weights, expert_share=share, teacher_values=teacher_values,
+        teacher_ids=teacher_ids,
     )
 
 
@@ -117,9 +123,9 @@ def _post_update_teacher(learner: Learner, batch: Batch, stream_rows: int, k: in
         logits = learner.logits(hidden[sup]).float()  # (N, V)
     learner.neocortex.train(was)
     token_loss = F.cross_entropy(logits, targets[sup], reduction="none")  # (N,)
-    row_loss = per_row_mean(token_loss, supervised_rows(sup), stream_rows).cpu()
+    row_loss = per_row_mean(token_loss, supervised_rows(sup), stream_rows)
     top = logits.topk(min(k, logits.shape[-1]), dim=-1)  # row-major over supervised positions
-    return top.values.half().cpu(), top.indices.int().cpu(), row_loss
+    return top.values.half(), top.indices.int(), row_loss  # on the device; wake_step moves them in one batch
 
 
 def _update(learner: Learner, loss: torch.Tensor, cfg: RunConfig, ewc: OnlineEWC, base_lr: float,
@@ -150,4 +156,4 @@ def _routing_record(routing, batch: Batch, stream_rows: int):
         gates = (gates * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, E)
     weights, ids = gates.topk(routing.expert_ids.shape[-1], dim=-1)  # (B, k)
     share = gates[:stream_rows].mean(0)  # (E,)
-    return ids[:stream_rows].cpu(), weights[:stream_rows].cpu(), share.cpu()
+    return ids[:stream_rows], weights[:stream_rows], share
