@@ -36,7 +36,8 @@ episode come from ``ReservoirReplay.bytes_per_episode()``.
 
 Throughput: tokens/s = positions of the step's batch (B x T, or rows x T) / median step time. MFU(6N) =
 k * N * tokens/s / PEAK_FLOPS_H200_BF16 with k = 6 for a training step (plain FT, wake, sleep) and k = 2 per
-forward pass for forward-only phases (base forward; refresh makes 2 passes), N = the base parameters whose
+forward pass for forward-only phases (base forward; refresh: 1 + the upper layers' share of a pass when
+the system pass resumes at the injection point, else 2), N = the base parameters whose
 matmuls run in the forward (all of them, trainable or frozen, except the embedding table; the head counted as
 its first ``--vocab`` rows). Attention's own FLOPs are not counted (the usual 6N convention).
 
@@ -800,7 +801,8 @@ def write_report(runs: list[dict], md_path: Path, notes: dict[str, str], final_l
         f"* MFU(6N) = k · N · tokens/s ÷ {peak / 1e12:.0f} TFLOP/s (the H200's bf16 dense matmul rate measured "
         "on the lent machines, KINDS.md; the datasheet says ~990), k = 6 for a training step (plain FT, wake, "
         "sleep: 6N even where the base is frozen), 2 per forward pass for forward-only phases (base forward; "
-        "refresh makes 2 passes); N = "
+        "refresh: a base pass + a system pass, which resumes at the injection point where the model allows: 1.29 "
+        "passes at 24 layers split after 17); N = "
         + (f"{n_fwd / 1e6:.1f} M" if n_fwd else "—")
         + " = the base parameters whose matmuls run in the forward (trainable or frozen; the embedding table "
         "left out, the head counted as its active rows); attention FLOPs not counted; tokens = positions of the "
