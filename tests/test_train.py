@@ -111,6 +111,47 @@ def test_run_outputs_are_complete(full_run):
                       "n_tokens", "exact_match"]
 
 
+def _assert_phase_times(out: Path) -> dict[str, float]:
+    """run_metadata.json timing.phase_s: every phase, none negative, adding up to the loop's wall time."""
+    timing = json.loads((out / "run_metadata.json").read_text())["timing"]
+    phases = timing["phase_s"]
+    assert list(phases) == list(train_module.PHASES)
+    assert all(v >= 0 for v in phases.values()), phases
+    wall = timing["wall_time_s"]
+    assert 0 < sum(phases.values()) <= wall + 0.001 * len(phases), (phases, wall)  # rounded to 1 ms each
+    assert sum(phases.values()) >= 0.95 * wall, (phases, wall)  # nothing of the loop is left out
+    return phases
+
+
+def test_phase_times_add_up_to_the_wall_time(full_run):
+    _, out = full_run
+    phases = _assert_phase_times(out)
+    for name in ("wake", "sleep", "fisher", "evaluation", "checkpoint"):  # full_cls sleeps, with EWC
+        assert phases[name] > 0, name
+
+
+def test_phase_clock_synchronises_cuda_only_when_the_phase_changes(monkeypatch):
+    import torch
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(1))
+    state = train_module.RunState(wall_time_s=5.0, phase_s={"wake": 5.0})  # as a resumed run's state
+    clock = train_module.PhaseClock(state, torch.device("cuda"))
+    clock.enter("wake")
+    clock.tick()
+    assert syncs == [] and state.phase_s == {"wake": 5.0} and state.wall_time_s >= 5.0
+    with clock.timed("sleep"):
+        with clock.timed("fisher"):
+            pass
+    assert len(syncs) == 4 and clock.phase == "wake"
+    assert set(state.phase_s) == {"wake", "sleep", "fisher"} and min(state.phase_s.values()) >= 0
+    assert abs(sum(state.phase_s.values()) - state.wall_time_s) < 1e-6  # both continue from the resumed state
+    cpu = train_module.PhaseClock(train_module.RunState(), torch.device("cpu"))
+    with cpu.timed("evaluation"):
+        pass
+    assert len(syncs) == 4  # never on the CPU
+
+
 def test_same_config_and_seed_give_identical_summaries(tmp_path, full_run):
     summary, out = full_run
     again, out2 = _run(tmp_path, "again", "ablation=full_cls", "consolidation.target_ce_weight=1.0",
@@ -145,6 +186,7 @@ def test_killed_run_resumes_to_the_same_summary(tmp_path, full_run, monkeypatch)
     steps = [json.loads(line)["step"] for line in (out2 / "metrics.jsonl").open()
              if json.loads(line)["kind"] == "step"]
     assert steps == list(range(1, 181))  # no duplicated or missing rows after the resume
+    _assert_phase_times(out2)  # the totals continue from the checkpoint's
 
 
 @pytest.mark.parametrize("ablation", ["no_ewc", "no_refresh", "no_hippocampus", "seq_ft", "er", "ewc_only",
@@ -159,6 +201,9 @@ def test_every_ablation_runs(tmp_path, ablation):
         assert summary["views"]["base"]["plasticity"] > 5 * CHANCE  # the base itself learns
     if ablation == "no_refresh":
         assert summary["counters"]["refresh_count_total"] == 0
+    phases = _assert_phase_times(out)
+    if ablation == "ewc_only":
+        assert phases["fisher"] > 0 and phases["sleep"] == 0  # the Fisher at each boundary, no sleep
     if ablation == "no_hippocampus":
         _assert_system_view_is_the_trained_base(out, summary, f"ablation={ablation}", "benchmark.num_tasks=2",
                                                 "benchmark.switch_every=30")

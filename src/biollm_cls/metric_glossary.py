@@ -225,8 +225,22 @@ _SUMMARY = (
     _M("counters/replay_bytes_per_episode", "summary", "lower", "bytes", "Mean stored size of an episode.", ""),
     _M("counters/replay_bytes_total", "summary", "lower", "bytes", "Replay reservoir size at the end.", ""),
     _M("counters/replay_size", "summary", "neutral", "episodes", "Episodes in the reservoir at the end.", ""),
-    _M("counters/wall_time_s", "summary", "lower", "s", "Wall time of the training loop.", ""),
+    _M("counters/wall_time_s", "summary", "lower", "s",
+       "Wall time of the training loop, from the first step to the last checkpoint (run_metadata.json timing; a "
+       "counter of the suite tables).", ""),
     _M("counters/steps_per_s", "summary", "higher", "steps/s", "Wake steps per second of wall time.", ""),
+    # run_metadata.json timing.phase_s: the loop's wall time by phase (train.PhaseClock); they add up to wall_time_s
+    _M("timing/phase_s/wake", "summary", "lower", "s",
+       "Wall time of the wake phase: batch assembly, wake steps, replay insertion, sleep pressure with its "
+       "forgetting probes, step rows (everything outside the other phases).", ""),
+    _M("timing/phase_s/sleep", "summary", "lower", "s",
+       "Wall time of the sleep consolidation updates (pseudo-rehearsal teachers included, the Fisher not).", ""),
+    _M("timing/phase_s/fisher", "summary", "lower", "s",
+       "Wall time of the online-EWC Fisher estimates (after each sleep; at each boundary for ewc_only).", ""),
+    _M("timing/phase_s/refresh", "summary", "lower", "s", "Wall time of the expert tests and resets after sleeps.", ""),
+    _M("timing/phase_s/evaluation", "summary", "lower", "s",
+       "Wall time of the boundary evaluations of both views (a boundary Fisher not included).", ""),
+    _M("timing/phase_s/checkpoint", "summary", "lower", "s", "Wall time of the checkpoint writes.", ""),
 )
 
 _SUITE = (

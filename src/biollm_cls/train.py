@@ -8,6 +8,9 @@
 4. BOUNDARY: after each task, evaluate every seen task in both views (system, base), checkpoint.
 5. LOG: one metrics row per step (``metrics.jsonl``; mirrored to W&B when enabled).
 
+The loop's wall time is split by phase (``PhaseClock``: wake, sleep, fisher, refresh, evaluation,
+checkpoint) into ``run_metadata.json``'s ``timing.phase_s``.
+
 Everything a run used is recorded next to its outputs (docs/run_outputs.md). Re-running the same
 command on the same output directory resumes from the last checkpoint; with ``restart_stale`` (the CLI's
 ``train --restart-stale``, used by the pipeline) a directory that cannot be resumed by this command (another
@@ -22,6 +25,8 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -78,9 +83,80 @@ class RunState:
     forgetting_signal: float = 0.0
     old_task_loss: float = float("nan")
     wall_time_s: float = 0.0
+    phase_s: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (PhaseClock)
     task_matrix_rows: list[dict] = field(default_factory=list)
     ledger: BudgetLedger = field(default_factory=BudgetLedger)
     sleep_log: list[list[int]] = field(default_factory=list)  # [step, base steps, rows per step] per sleep
+
+
+# The loop's phases (run_metadata.json timing.phase_s): wake = everything outside the others (batch assembly,
+# the wake step, replay insertion, sleep pressure and its forgetting probes, step rows); sleep = the
+# consolidation updates (pseudo-rehearsal teachers included); fisher = every online-EWC Fisher estimate
+# (after a sleep, or at a boundary for ewc_only); refresh = the expert tests and resets after a sleep;
+# evaluation = the boundary evaluation of both views; checkpoint = every checkpoint write.
+PHASES = ("wake", "sleep", "fisher", "refresh", "evaluation", "checkpoint")
+
+
+class PhaseClock:
+    """The loop's wall time (`RunState.wall_time_s`) and its split by phase (`RunState.phase_s`).
+
+    One phase runs at a time and `enter` closes its lap, so the phase totals add up to the wall time at every
+    lap. On CUDA the GPU is synchronised when the phase changes (the kernels a phase queued belong to it),
+    never inside a phase. Both totals continue from the values a resumed state holds."""
+
+    def __init__(self, state: RunState, device: torch.device):
+        self.state, self.phase = state, "wake"
+        self.sync = device.type == "cuda"
+        self.mark = time.perf_counter()
+        self.started = self.mark - state.wall_time_s
+
+    def tick(self) -> None:
+        """The wall time so far (no lap, no synchronisation)."""
+        self.state.wall_time_s = time.perf_counter() - self.started
+
+    def enter(self, phase: str) -> str:
+        """Close the running phase's lap and start `phase`; returns the phase that was running."""
+        previous = self.phase
+        if phase != previous:
+            self.lap()
+            self.phase = phase
+        return previous
+
+    def lap(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now, st = time.perf_counter(), self.state
+        st.phase_s[self.phase] = st.phase_s.get(self.phase, 0.0) + (now - self.mark)
+        st.wall_time_s, self.mark = now - self.started, now
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        previous = self.enter(phase)
+        try:
+            yield
+        finally:
+            self.enter(previous)
+
+
+@contextmanager
+def _phase(run: Run, phase: str) -> Iterator[None]:
+    """`run.clock.timed(phase)`; nothing without a clock (parts driven outside `run_training`)."""
+    if run.clock is None:
+        yield
+    else:
+        with run.clock.timed(phase):
+            yield
+
+
+def _time_fisher(run: Run) -> None:
+    """Route every Fisher estimate (also the one inside `sleep_cycle`) through the clock's `fisher` phase."""
+    consolidate = run.ewc.consolidate
+
+    def timed_consolidate(*args, **kwargs):
+        with _phase(run, "fisher"):
+            return consolidate(*args, **kwargs)
+
+    run.ewc.consolidate = timed_consolidate
 
 
 @dataclass
@@ -98,6 +174,7 @@ class Run:
     recent: list[Batch] = field(default_factory=list)  # the current task's last batches (boundary Fisher)
     plan: dict[int, tuple[int, int]] | None = None  # consolidation.sleep_plan: sleep here, not by pressure
     wandb: object | None = None  # the W&B mirror, when logging.use_wandb
+    clock: PhaseClock | None = None  # wall time by phase (run_training sets it)
 
     @property
     def sleeps(self) -> bool:
@@ -115,7 +192,8 @@ def run_training(cfg: RunConfig, restart_stale: bool = False) -> dict:
     log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.state.step or None, mirrors=_mirrors(run))
     bar = tqdm(total=total, initial=run.state.step, desc="wake", dynamic_ncols=True,
                disable=None if cfg.train.progress else True)
-    started = time.perf_counter() - run.state.wall_time_s
+    run.clock = PhaseClock(run.state, run.learner.device)
+    _time_fisher(run)
     if run.state.step == 0:  # the neocortex split facts (hf_injection_*), once, at step 0
         log.log({"kind": "runtime", "step": 0, **run.learner.neocortex.runtime_info()})
     try:
@@ -128,7 +206,8 @@ def run_training(cfg: RunConfig, restart_stale: bool = False) -> dict:
             signals = pressure_signals(run, wake, step, task)
             pressure = run.scheduler.pressure  # as it stood when the scheduler decided (sleep resets it)
             sleep, refresh = maybe_sleep(run, step, task, bar)
-            run.state.step, run.state.wall_time_s = step, time.perf_counter() - started
+            run.state.step = step
+            run.clock.tick()
             if step % cfg.logging.log_interval == 0 or sleep.steps:
                 log.log(step_row(run, step, task, wake, signals, pressure, sleep, refresh))
             if is_boundary(step, cfg.benchmark.switch_every):
@@ -361,11 +440,13 @@ def maybe_sleep(run: Run, step: int, task: int, bar) -> tuple[SleepReport, Refre
         return SleepReport(pseudo_source_mode="off"), RefreshReport()
     bar.set_description("sleep")
     since = run.state.sleep_log[-1][0] if run.state.sleep_log else 0
-    report = sleep_cycle(run.learner, run.replay, run.ewc, steps, cfg, run.pad_id, run.stream.vocab_size,
-                         run.generator, since)
+    with _phase(run, "sleep"):
+        report = sleep_cycle(run.learner, run.replay, run.ewc, steps, cfg, run.pad_id, run.stream.vocab_size,
+                             run.generator, since)
     refresh = RefreshReport()
     if report.steps:  # each expert's own test decides (the probe's KL drop was a noisy gate: it blocked 3 of 8)
-        refresh = refresh_experts(run.learner, run.replay, cfg, run.pad_id)
+        with _phase(run, "refresh"):
+            refresh = refresh_experts(run.learner, run.replay, cfg, run.pad_id)
     run.replay.end_sleep()  # the short-term store has been replayed: on to the long-term reservoir
     bar.set_description("wake")
     run.scheduler.mark_slept(step)
@@ -389,6 +470,11 @@ def maybe_sleep(run: Run, step: int, task: int, bar) -> tuple[SleepReport, Refre
 
 def evaluate_boundary(run: Run, step: int, task: int) -> dict:
     """Evaluate every seen task in both views (eval mode) and record the boundary row."""
+    with _phase(run, "evaluation"):
+        return _evaluate_boundary(run, step, task)
+
+
+def _evaluate_boundary(run: Run, step: int, task: int) -> dict:
     cfg, learner = run.cfg, run.learner
     if cfg.ewc.fisher_update == "boundary" and run.ewc.lambda_ > 0 and run.recent:
         batches = [b.to(learner.device) for b in run.recent]
@@ -485,8 +571,11 @@ def finish(run: Run, log: MetricsLog) -> dict:
             if view == "system" and key in ("final_seen_acc_avg", "final_forgetting", "final_bwt", "seen_acc_auc"):
                 summary[key] = value
     _save(run)
+    if run.clock is not None:
+        run.clock.lap()  # the last checkpoint write is part of the loop's wall time
     log.log({"kind": "summary", "step": st.step, **summary})
-    timing = {"wall_time_s": round(st.wall_time_s, 3), "steps_per_s": round(st.step / max(st.wall_time_s, 1e-9), 3)}
+    timing = {"wall_time_s": round(st.wall_time_s, 3), "steps_per_s": round(st.step / max(st.wall_time_s, 1e-9), 3),
+              "phase_s": {name: round(st.phase_s.get(name, 0.0), 3) for name in PHASES}}
     write_task_matrix(run.run_dir / "task_matrix.csv", st.task_matrix_rows)
     write_json(run.run_dir / "run_metadata.json", _metadata(run, status="complete", timing=timing))
     write_glossary(run.run_dir)  # what every logged metric means, next to the metrics
@@ -558,6 +647,11 @@ def _metadata(run: Run, status: str, timing: dict | None = None) -> dict:
 
 # ---- checkpoint and resume ------------------------------------------------------------------------------
 def _save(run: Run) -> None:
+    with _phase(run, "checkpoint"):
+        _save_checkpoint(run)
+
+
+def _save_checkpoint(run: Run) -> None:
     learner, st = run.learner, run.state
     state = {
         "step": st.step, "run_state": asdict(st),
