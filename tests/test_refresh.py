@@ -48,15 +48,16 @@ def set_experts(hip, negligible: list[int], strong: list[int], seed: int = 0) ->
     hip.update_drift()
 
 
-def count_hidden_calls(learner) -> list[int]:
+def count_calls(learner, method: str = "hidden") -> list[int]:
+    """Count calls of `learner.neocortex.<method>` (a full pass: "hidden"; upper layers only: "resume")."""
     calls = [0]
-    original = learner.neocortex.hidden
+    original = getattr(learner.neocortex, method)
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
 
-    learner.neocortex.hidden = counted
+    setattr(learner.neocortex, method, counted)
     return calls
 
 
@@ -122,18 +123,6 @@ def test_only_absorbed_experts_are_reset(tiny_cfg, make_learner):
     assert torch.equal(hip.w_in[[0, 2]], hip.w_in_init[[0, 2]])
 
 
-def count_resume_calls(learner) -> list[int]:
-    calls = [0]
-    original = learner.neocortex.resume
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    learner.neocortex.resume = counted
-    return calls
-
-
 def test_one_base_pass_and_one_system_pass_whatever_the_number_of_experts(tiny_cfg, make_learner):
     """The system pass resumes from the base pass's injection-point state (the lower layers run once); a
     neocortex that cannot resume runs two full passes."""
@@ -145,7 +134,7 @@ def test_one_base_pass_and_one_system_pass_whatever_the_number_of_experts(tiny_c
             learner.neocortex.can_resume = can_resume
             set_experts(learner.hippocampus, negligible=[], strong=list(range(num_experts)))
             replay = routed_replay(cfg, learner)
-            full, resumed = count_hidden_calls(learner), count_resume_calls(learner)
+            full, resumed = count_calls(learner), count_calls(learner, "resume")
             report = refresh_experts(learner, replay, cfg, pad_id=0)
             assert report.tested == num_experts
             assert (full[0], resumed[0]) == ((1, 1) if can_resume else (2, 0)), (num_experts, can_resume)
@@ -175,7 +164,7 @@ def test_reset_factor_one_or_more_disables_refresh(tiny_cfg, make_learner):
     set_experts(hip, negligible=[0, 1, 2, 3], strong=[])
     before = {k: v.clone() for k, v in hip.state_dict().items()}
     replay = routed_replay(cfg, learner)
-    calls = count_hidden_calls(learner)
+    calls = count_calls(learner)
     for factor in (1.0, 1.5):
         cfg.consolidation.refresh.reset_factor = factor
         report = refresh_experts(learner, replay, cfg, pad_id=0)
