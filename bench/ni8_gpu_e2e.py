@@ -178,6 +178,8 @@ def write_report(args: argparse.Namespace) -> None:
     if model:
         lines += [f"model: {model.get('shape')} ({model.get('params', 0) / 1e6:.1f} M parameters, random init), "
                   f"tokenizer {model.get('tokenizer_ids')} ids, active vocabulary {model.get('active_vocab')}", ""]
+    lines += ["device=auto chose (run_metadata.json): " + "; ".join(
+        f"{r['run']} {r['device']}" + (f" ({r['gpu']})" if r["gpu"] else "") for r in runs if r["device"]), ""]
     lines += ["## Runs (seconds)", ""]
     lines += _table(["run", "device", "gpu", "job wall", "loop wall", "steps/s", *phases, "sleeps", "ckpt GB"],
                     [[r["run"], r["device"], r["gpu"], r["job_wall_s"], r["loop_wall_s"], r["steps_per_s"],

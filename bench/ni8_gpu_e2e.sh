@@ -132,7 +132,7 @@ RC=${PIPESTATUS[0]}
 set -e
 stage_end snakemake
 for f in "results/$SUITE"/logs/train/*/*.log; do
-    [ -f "$f" ] && { log "=== $f"; cat "$f" >> "$LOG"; }
+    if [ -f "$f" ]; then log "=== $f"; cat "$f" >> "$LOG"; fi
 done
 
 # ---- 4. the report -------------------------------------------------------------------------------------

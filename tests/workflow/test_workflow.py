@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEFILE = ROOT / "Snakefile"
-CONFIGS = {name: ROOT / "config" / f"{name}.yaml" for name in ("config", "ci", "toy", "ni8")}
+CONFIGS = {name: ROOT / "config" / f"{name}.yaml" for name in ("config", "ci", "toy", "ni8", "ni8_gpu_e2e")}
 
 
 def _env() -> dict[str, str]:
@@ -77,7 +78,7 @@ def test_lint_is_clean(tmp_path):
 
 
 def test_dry_runs_of_every_config(tmp_path):
-    names = ["ci", "toy", "ni8"]
+    names = ["ci", "toy", "ni8", "ni8_gpu_e2e"]
     calls = [(tmp_path / n, ("-n", "-p"), CONFIGS[n]) for n in names]
     # the embedded default through the profile, as in `uv run snakemake --profile profiles/default`
     calls.append((tmp_path / "config", ("-n", "--profile", str(ROOT / "profiles" / "default")), CONFIGS["config"]))
@@ -92,6 +93,7 @@ def test_dry_runs_of_every_config(tmp_path):
         "ci": {"build_pack": 1, "pretrain_base": 1, "train": 2, "run_metrics": 2, "merge": 1, "plots": 2},
         "toy": {"train": 12, "run_metrics": 12, "merge": 1, "plots": 2},
         "ni8": {"build_pack": 1, "train": 27, "run_metrics": 27, "merge": 1, "plots": 2},
+        "ni8_gpu_e2e": {"build_pack": 1, "train": 2, "run_metrics": 2, "merge": 1, "plots": 2},
         "config": {"build_pack": 1, "pretrain_base": 1, "train": 30, "run_metrics": 30, "merge": 1, "plots": 2},
         "wandb": {"build_pack": 1, "pretrain_base": 1, "train": 2, "run_metrics": 2, "merge": 1, "plots": 2,
                   "publish_dashboard": 1},
@@ -111,6 +113,18 @@ def test_dry_runs_of_every_config(tmp_path):
                   "train=continual_pilot_4070"):
         assert token in line
     assert "model.init_checkpoint" not in line  # HF: no pretraining
+    # the GPU end-to-end suite (bench/ni8_gpu_e2e.sh): er_matched replays where full_cls slept, and every
+    # run's override list resolves to a valid config (a typo would otherwise show only on the GPU machine)
+    from biollm_cls.config import load_config
+
+    shell = [line for line in results["ni8_gpu_e2e"][1].splitlines() if "biollm_cls.cli train " in line]
+    assert len(shell) == 2
+    matched = next(s for s in shell if "ablation=er_matched " in s)
+    assert "consolidation.sleep_plan=results/ni8_gpu_e2e/runs/full_cls/seed7/summary.json" in matched
+    for line in shell:
+        cfg = load_config(shlex.split(line.split("train --restart-stale ", 1)[1].split(" > ")[0]))
+        assert cfg.device == "auto" and cfg.model.vocab_size == 16384 and cfg.benchmark.num_tasks == 8
+        assert cfg.benchmark.switch_every == 25 and cfg.train.batch_size == 4 and not cfg.logging.use_wandb
 
 
 # ---------------------------------------------------------------------------------- config errors
