@@ -412,8 +412,7 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
 
     # -- wake (fills the replay with real episodes)
     replay = ReservoirReplay(cfg.replay.capacity, cfg.seed + 1)
-    ewc = OnlineEWC(cfg.ewc.lambda_, cfg.ewc.fisher_decay,
-                    torch.bfloat16 if cfg.ewc.fisher_dtype == "bf16" else torch.float32)
+    ewc = OnlineEWC.from_config(cfg.ewc)
     wake_batches = random_batches(max(args.wake_fill, 8), B, T, V, device, seed=2)
     step = [0]
 

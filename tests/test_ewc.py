@@ -282,3 +282,75 @@ def test_penalty_gradient_is_not_divided_by_the_fp16_loss_scale(tiny_cfg, make_l
             penalty = grads[(scaled, True)][name] - grads[(scaled, False)][name]
             got = penalty.flatten()[(penalty - PENALTY).abs().argmax()].item()
             assert abs(got - PENALTY) < 1e-3, f"{name} (scaled={scaled}): penalty gradient {got:.6g}, expected {PENALTY}"
+
+
+# ---- bf16 anchors (ewc.anchor_dtype=bf16) ---------------------------------------------------------------
+class _TiedLM(torch.nn.Module):
+    """An embedding tied to its head, a linear layer with a bias and a norm: one parameter of each kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 16)
+        self.proj = torch.nn.Linear(16, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def hidden(self, ids, mask):
+        return self.norm(self.proj(self.emb(ids)))  # (B, T, 16)
+
+    def logits(self, h):
+        return self.head(h)
+
+
+def _tied_batch() -> Batch:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 11, (3, 6), generator=g)
+    return Batch(ids, torch.randint(0, 11, (3, 6), generator=g), torch.ones(3, 6, dtype=torch.bool), torch.zeros(3))
+
+
+def test_bf16_anchor_rounds_only_the_linear_layers_and_changes_no_bf16_autocast_output():
+    torch.manual_seed(0)
+    model = _TiedLM()
+    ids = _tied_batch().input_ids
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_before = model.proj(model.emb(ids))  # (B, T, 16), the bf16 matmul of the linear layer
+    ewc = OnlineEWC(lambda_=2.0, decay=0.9, anchor_dtype=torch.bfloat16)
+    consolidate(ewc, model, [_tied_batch()])
+    dtypes = {n: a.dtype for n, a in ewc.anchor.items()}
+    assert dtypes == {"emb.weight": torch.float32, "proj.weight": torch.bfloat16, "proj.bias": torch.bfloat16,
+                      "norm.weight": torch.float32, "norm.bias": torch.float32}
+    for name, p in model.named_parameters():
+        if dtypes[name] == torch.bfloat16:  # rounded to bf16 (and moved: random fp32 weights are not bf16)
+            assert torch.equal(p, p.bfloat16().float()) and not torch.equal(p, before[name])
+        else:
+            assert torch.equal(p, before[name])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.proj(model.emb(ids)), out_before)
+    assert ewc.penalty(model).item() == 0.0  # the anchor is exactly the (rounded) weights
+
+
+def test_bf16_anchor_penalty_gradient_is_lambda_f_delta_in_fp32():
+    torch.manual_seed(0)
+    model = _TiedLM()
+    ewc = OnlineEWC(lambda_=2.0, decay=0.9, fisher_dtype=torch.bfloat16, anchor_dtype=torch.bfloat16)
+    consolidate(ewc, model, [_tied_batch()])
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-4 * torch.randn_like(p))  # a step smaller than the bf16 spacing of most weights
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    ewc.add_penalty_grad(model)
+    for name, p in model.named_parameters():
+        expected = 2.0 * ewc.fisher[name].float() * (p.detach() - anchor[name])
+        assert torch.allclose(p.grad, expected, rtol=1e-6, atol=1e-12), name
+    assert ewc.penalty(model).item() > 0
+
+
+def test_ewc_from_config_reads_both_storage_dtypes(tiny_cfg):
+    tiny_cfg.ewc.fisher_dtype, tiny_cfg.ewc.anchor_dtype = "bf16", "bf16"
+    ewc = OnlineEWC.from_config(tiny_cfg.ewc)
+    assert (ewc.lambda_, ewc.decay) == (tiny_cfg.ewc.lambda_, tiny_cfg.ewc.fisher_decay)
+    assert ewc.fisher_dtype == ewc.anchor_dtype == torch.bfloat16

@@ -17,6 +17,13 @@ of each base update (no second backward, no autograd graph through the penalty),
 GradScaler's unscale (``Learner.step_optimizer(add_grad=...)``): the loss's gradients are then at their true
 scale, so the penalty is not divided by the loss scale. With ``lambda = 0`` nothing
 is estimated, stored or applied.
+
+Storage (``ewc.fisher_dtype``, ``ewc.anchor_dtype``): fp32, or bf16 to save memory on a large base. A bf16
+Fisher is the Fisher rounded (0.4 % relative). A bf16 anchor is exact: at each consolidation the weights of
+the ``nn.Linear`` layers are first rounded to bf16 (``theta <- bf16(theta)``, at most 2^-9 relative) and the
+anchor is those rounded weights, so the penalty is 0 at the anchor as with fp32. Under bf16 autocast this
+changes no output: a matmul casts its fp32 weight to bf16 anyway, to the same rounded value. Embedding
+tables, norms and other parameters keep an fp32 anchor (their ops are not autocast to bf16).
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import torch
 from torch import nn
 
 from biollm_cls.benchmarks.base import Batch
+
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16)  # storage dtypes of the multi-tensor penalty pass
 
 
 class _LabelSampler:
@@ -47,11 +57,16 @@ class _LabelSampler:
         return torch.multinomial(logp.exp().cpu(), 1, generator=self.generator).to(logp.device)
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class OnlineEWC:
-    def __init__(self, lambda_: float, decay: float, fisher_dtype: torch.dtype = torch.float32):
+    def __init__(self, lambda_: float, decay: float, fisher_dtype: torch.dtype = torch.float32,
+                 anchor_dtype: torch.dtype = torch.float32):
         self.lambda_ = lambda_
         self.decay = decay
         self.fisher_dtype = fisher_dtype  # bf16 halves the Fisher's memory (0.4 % relative rounding)
+        self.anchor_dtype = anchor_dtype  # bf16: the linear layers' anchors, exact (the module docstring)
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
         # Row-sparse storage: for a large matrix whose Fisher is zero on most rows (embedding rows of tokens
@@ -59,6 +74,11 @@ class OnlineEWC:
         # indices here. Exact: a zero-Fisher row adds nothing to the penalty.
         self.rows: dict[str, torch.Tensor] = {}
         self.updates = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> OnlineEWC:
+        """From the run config's `ewc` section (EWCConfig)."""
+        return cls(cfg.lambda_, cfg.fisher_decay, _DTYPES[cfg.fisher_dtype], _DTYPES[cfg.anchor_dtype])
 
     @property
     def active(self) -> bool:
@@ -102,8 +122,8 @@ class OnlineEWC:
                 step = (p.detach()[idx].float() - anchor) * self.lambda_ * fisher.float()
                 p.grad.index_add_(0, idx, step.to(p.grad.dtype))
                 continue
-            if not (p.dtype == p.grad.dtype == anchor.dtype == torch.float32
-                    and fisher.dtype in (torch.float32, torch.bfloat16)):
+            if not (p.dtype == p.grad.dtype == torch.float32
+                    and anchor.dtype in _FAST_DTYPES and fisher.dtype in _FAST_DTYPES):
                 diff = p.detach().float() - anchor  # the general path (half-precision base, ...)
                 p.grad.add_((diff * self.lambda_ * fisher.float()).to(p.grad.dtype))
                 continue
@@ -123,7 +143,7 @@ class OnlineEWC:
     def _penalty_pass(self, group: list[tuple[torch.Tensor, ...]]) -> None:
         """g += lambda * F * (theta - theta*), in fp32 whatever the Fisher's storage dtype."""
         grads, thetas, fishers, anchors = (list(t) for t in zip(*group, strict=True))
-        diff = torch._foreach_sub(thetas, anchors)  # fp32
+        diff = torch._foreach_sub(thetas, anchors)  # fp32 - (fp32 | bf16) -> fp32
         torch._foreach_mul_(diff, self.lambda_)
         torch._foreach_mul_(diff, fishers)  # fp32 * (fp32 | bf16) -> fp32, in place
         torch._foreach_add_(grads, diff)
@@ -163,11 +183,14 @@ class OnlineEWC:
         model.train(was_training)
         if count == 0:
             return 0
+        rounded = self._bf16_anchored(model) if self.anchor_dtype == torch.bfloat16 else set()
         for n, p in params:
             f = new.pop(n) / count
             if n in self.fisher:
                 f += self.decay * self._dense_fisher(n, p)
-            self._store(n, p, f)
+            if n in rounded:
+                p.data.copy_(p.data.to(torch.bfloat16))  # the anchor below is then exact in bf16
+            self._store(n, p, f, torch.bfloat16 if n in rounded else torch.float32)
         self.updates += 1
         return count
 
@@ -180,7 +203,16 @@ class OnlineEWC:
         dense[self.rows[name]] = self.fisher[name].float()
         return dense
 
-    def _store(self, name: str, p: torch.Tensor, fisher: torch.Tensor) -> None:
+    @staticmethod
+    def _bf16_anchored(model: nn.Module) -> set[str]:
+        """Names of the parameters whose anchor may be bf16: weights and biases of ``nn.Linear`` layers (their
+        matmuls are autocast to bf16), not a table an ``nn.Embedding`` also reads (a tied LM head)."""
+        linear = {id(t) for m in model.modules() if isinstance(m, nn.Linear) for t in (m.weight, m.bias)
+                  if t is not None}
+        linear -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        return {n for n, p in model.named_parameters() if id(p) in linear}
+
+    def _store(self, name: str, p: torch.Tensor, fisher: torch.Tensor, anchor_dtype: torch.dtype) -> None:
         """Keep the Fisher and the anchor, row-sparse when at most half of a large matrix's rows are non-zero."""
         self.rows.pop(name, None)
         if p.dim() == 2 and p.numel() >= self._SPARSE_MIN:
@@ -189,10 +221,10 @@ class OnlineEWC:
                 idx = nonzero.nonzero().squeeze(1)
                 self.rows[name] = idx
                 self.fisher[name] = fisher[idx].to(self.fisher_dtype).contiguous()
-                self.anchor[name] = p.detach().float()[idx].clone()
+                self.anchor[name] = p.detach()[idx].to(anchor_dtype).contiguous()
                 return
         self.fisher[name] = fisher.to(self.fisher_dtype)
-        self.anchor[name] = p.detach().float().clone()
+        self.anchor[name] = p.detach().to(anchor_dtype, copy=True)
 
     def state_dict(self) -> dict:
         return {"lambda_": self.lambda_, "decay": self.decay, "fisher": self.fisher, "anchor": self.anchor,

@@ -257,8 +257,7 @@ def build_run(cfg: RunConfig, restart_stale: bool = False) -> Run:
     run = Run(
         cfg=cfg, run_dir=run_dir, stream=stream, learner=learner,
         replay=ReservoirReplay(cfg.replay.capacity, cfg.seed + 1, cfg.replay.recent_capacity) if needs_replay else None,
-        ewc=OnlineEWC(cfg.ewc.lambda_, cfg.ewc.fisher_decay,
-                      torch.bfloat16 if cfg.ewc.fisher_dtype == "bf16" else torch.float32),
+        ewc=OnlineEWC.from_config(cfg.ewc),
         scheduler=SleepScheduler(cfg.scheduler, cfg.consolidation), generator=generator,
         matrices={v: ContinualMatrix(cfg.benchmark.num_tasks) for v in VIEWS}, state=RunState(),
         plan=load_sleep_plan(cfg),

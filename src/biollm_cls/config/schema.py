@@ -143,7 +143,10 @@ class EWCConfig:
     fisher_decay: float = 0.9  # online EWC: F <- decay * F + F_new, once per consolidation
     fisher_samples: int = 64  # sequences used to estimate the Fisher
     fisher_update: str = "sleep"  # sleep (after each sleep) | boundary (at each task boundary: `ewc_only`)
-    fisher_dtype: str = "fp32"  # fp32 | bf16 (half the Fisher's memory; the anchor stays fp32)
+    fisher_dtype: str = "fp32"  # fp32 | bf16 (half the Fisher's memory, rounded to 0.4 %)
+    # fp32 | bf16: the linear layers' anchors in bf16 (half their memory), exact: the consolidated linear
+    # weights are rounded to bf16 first, which under bf16 autocast changes no output (ewc.py)
+    anchor_dtype: str = "fp32"
 
 
 @dataclass
@@ -237,6 +240,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "consolidation.distill_gate": ("none", "teacher_better"),
     "ewc.fisher_update": ("sleep", "boundary"),
     "ewc.fisher_dtype": ("fp32", "bf16"),
+    "ewc.anchor_dtype": ("fp32", "bf16"),
     "train.amp_dtype": ("bf16", "fp16"),
     "train.matmul_precision": ("highest", "high", "medium"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
