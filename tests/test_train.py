@@ -253,3 +253,28 @@ def test_seq_ft_forgets(tmp_path):
     summary, _ = _run(tmp_path, "seq_ft", "ablation=seq_ft")
     assert summary["views"]["base"]["final_forgetting"] > 0.5
 
+
+
+def test_a_left_padded_stream_batch_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Replay and the HF neocortex's pure-causal attention need right padding: a custom stream that pads on
+    the left is refused before its first step, not trained on silently."""
+    from biollm_cls.benchmarks.errors import DataError
+
+    real_build = train_module.build_stream
+
+    def left_padded_stream(*args, **kwargs):
+        stream = real_build(*args, **kwargs)
+        train_batch = stream.train_batch
+
+        def padded_on_the_left(step, batch_size):
+            batch = train_batch(step, batch_size)
+            batch.attention_mask[0, 0] = False  # a pad position before the row's real ones
+            return batch
+
+        stream.train_batch = padded_on_the_left
+        return stream
+
+    monkeypatch.setattr(train_module, "build_stream", left_padded_stream)
+    with pytest.raises(DataError, match=r"batch of step 1 is left-padded .* need right padding") as err:
+        _run(tmp_path, "left", "ablation=no_sleep")
+    assert "\n" not in str(err.value)

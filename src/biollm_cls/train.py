@@ -34,6 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from biollm_cls.benchmarks import Batch, build_stream, is_boundary, task_at
+from biollm_cls.benchmarks.base import is_right_padded
+from biollm_cls.benchmarks.errors import DataError
 from biollm_cls.budget import BudgetLedger
 from biollm_cls.checkpoint import (
     CheckpointError,
@@ -333,6 +335,10 @@ def wake_batch(run: Run, step: int) -> tuple[Batch, int, tuple[torch.Tensor, tor
     """This step's data, with `replay.wake_mix` replayed episodes mixed in (the learner and the `er`
     baselines): (batch, new rows, the replayed rows' stored teachers or None)."""
     batch = run.stream.train_batch(step, run.cfg.train.batch_size)
+    if not is_right_padded(batch.attention_mask):  # a custom stream's batch (ours are right-padded)
+        raise DataError(f"the {run.cfg.benchmark.name} stream's batch of step {step} is left-padded or has holes "
+                        f"(attention_mask is False before a real position); replay and the HF neocortex's "
+                        f"pure-causal attention need right padding: put the pad positions at the end of each row")
     mix = run.cfg.replay.wake_mix
     if mix > 0 and run.replay is not None and len(run.replay) > 0:
         episodes = run.replay.sample(mix)

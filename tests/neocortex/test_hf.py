@@ -180,7 +180,8 @@ def test_base_forward_matches_automodel(zoo, batch, arch):
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
         got = full_logits(neo, ids, mask)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    real = mask.bool()  # pure-causal attention (the default) leaves the real positions as they were
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
@@ -192,7 +193,7 @@ def test_vocab_cap_slices_the_head(zoo, batch, arch):
         hidden = neo.hidden(ids, mask)  # (B, T, H)
         got = neo.logits(hidden)  # (B, T, 50)
         selected = neo.logits(hidden[mask.bool()])  # (n_real, 50): only what it is given
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
     assert selected.shape == (int(mask.sum()), 50)
 
 
@@ -203,8 +204,9 @@ def test_vocab_cap_larger_than_model_is_an_error(zoo):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mask_elision_keeps_real_positions(zoo, batch, arch):
-    """pass_attention_mask=False (pure-causal model, mask only to inject) changes no real position."""
+    """pass_attention_mask=False (the default: pure-causal model, mask only to inject) changes no real position."""
     neo, (ids, mask) = zoo.neo(arch), batch
+    assert neo.pass_attention_mask is False  # model.hf_pass_attention_mask's default
     seen = []
     source = torch.full((H,), 0.3)
 
@@ -213,12 +215,12 @@ def test_mask_elision_keeps_real_positions(zoo, batch, arch):
         return const_delta(source)(h, m)
 
     with torch.no_grad():
-        masked = neo.hidden(ids, mask, inject)
-        neo.pass_attention_mask = False
+        elided = neo.hidden(ids, mask, inject)
+        neo.pass_attention_mask = True
         try:
-            elided = neo.hidden(ids, mask, inject)
+            masked = neo.hidden(ids, mask, inject)
         finally:
-            neo.pass_attention_mask = True
+            neo.pass_attention_mask = False
     real = mask.bool()
     torch.testing.assert_close(elided[real], masked[real], atol=1e-5, rtol=1e-5)
     assert seen[0] is mask and seen[1] is mask  # the hippocampus still sees the padding
@@ -364,7 +366,9 @@ def test_legacy_fallback_on_unknown_layout(zoo, batch, opaque_loader):
     delta = torch.full((H,), 0.25)
     with torch.no_grad():
         base = neo.hidden(ids, mask)  # (B, T, H), final-normed
-        torch.testing.assert_close(neo.logits(base), zoo.ref("llama")(input_ids=ids, attention_mask=mask).logits,
+        real = mask.bool()
+        torch.testing.assert_close(neo.logits(base)[real],
+                                   zoo.ref("llama")(input_ids=ids, attention_mask=mask).logits[real],
                                    atol=1e-5, rtol=1e-5)
         assert torch.equal(neo.hidden(ids, mask, inject=const_delta(delta)), base + delta)
 
@@ -432,7 +436,9 @@ def test_resume_leaves_the_stack_in_place(zoo, batch):
     with torch.no_grad():
         neo.resume(torch.randn(2, 8, neo.hidden_size), mask)
     assert list(neo.state_dict()) == keys
-    torch.testing.assert_close(neo.hidden(ids, mask), zoo.ref("qwen2").model(ids, attention_mask=mask).last_hidden_state)
+    real = mask.bool()
+    torch.testing.assert_close(neo.hidden(ids, mask)[real],
+                               zoo.ref("qwen2").model(ids, attention_mask=mask).last_hidden_state[real])
 
 
 def test_compiled_layers_give_the_eager_output_without_recompiling_per_call(zoo, batch):

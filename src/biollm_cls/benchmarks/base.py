@@ -22,7 +22,7 @@ IGNORE = -100
 class Batch:
     input_ids: torch.Tensor  # [B,T] long
     targets: torch.Tensor  # [B,T] long, IGNORE where not supervised
-    attention_mask: torch.Tensor  # [B,T] bool, False on padding
+    attention_mask: torch.Tensor  # [B,T] bool, False on padding; right padding only (`is_right_padded`)
     task_ids: torch.Tensor  # [B] long (rows of a joint batch come from different tasks)
 
     def to(self, device: torch.device) -> Batch:
@@ -35,6 +35,12 @@ class Batch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def is_right_padded(mask: torch.Tensor) -> bool:
+    """[B,T] bool: no padded position before a real one in any row. Replay stores a row as its first
+    ``mask.sum()`` ids, and the HF neocortex runs pure-causal attention: both need right padding."""
+    return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
 
 
 @runtime_checkable

@@ -34,6 +34,10 @@ class ModelConfig:
     hf_allow_half_precision_base: bool = False  # opt in to half-precision weights for a base that trains
     hf_attn_implementation: str | None = None
     hf_gradient_checkpointing: bool = False
+    # False: the model runs pure-causal attention and only the hippocampus sees the mask. Every batch is
+    # right-padded (a causal query never sees a later pad key), so every real position is unchanged, and SDPA
+    # can use its flash kernel without a host sync per forward. True: the [B,T] mask goes to the model.
+    hf_pass_attention_mask: bool = False
     hf_local_files_only: bool = False
     hf_injection_fraction: float = 0.7
     hf_allow_legacy_injection_fallback: bool = True

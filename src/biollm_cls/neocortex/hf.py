@@ -176,12 +176,13 @@ class HFNeocortex(nn.Module):
         self.vocab_size = self._output_vocab(cfg.vocab_size)
         self._logit_transform = _logit_transform(self._text_config())
         self._hook = _InjectionHook()
-        # True: the [B,T] mask goes to the model (HF builds a padded causal mask). False: the model runs
-        # pure-causal attention and only `inject` sees the mask. With right padding this leaves every real
-        # position unchanged (a causal query never sees a later pad key; pad positions change and must stay
-        # masked downstream) and lets SDPA use its flash kernel: 2.1x faster base forward on an H100
-        # (Qwen2.5-0.5B shape, B=8, T=512, one padded row). Wrong for left padding.
-        self.pass_attention_mask = True
+        # True: the [B,T] mask goes to the model (HF builds a padded causal mask, and checks on the host whether
+        # it may skip it: one sync per forward). False (model.hf_pass_attention_mask's default): the model runs
+        # pure-causal attention and only `inject` sees the mask. With right padding (every batch: the train
+        # loop checks the stream's) this leaves every real position unchanged (a causal query never sees a
+        # later pad key; pad positions change and stay masked downstream) and lets SDPA use its flash kernel:
+        # 2.1x faster base forward on an H100 (Qwen2.5-0.5B shape, B=8, T=512, one padded row).
+        self.pass_attention_mask = bool(cfg.hf_pass_attention_mask)
         self.layer_path, layers = hf_split_layer_path(self.model)
         if layers is not None:
             self._setup_split(layers, cfg.hf_injection_fraction)
