@@ -7,9 +7,10 @@ matrices, counters, RNG states, step), so ``torch.load(..., weights_only=True)``
 Writing (``save_checkpoint``), in this order, so that a process killed at any point (or a full disk)
 never leaves a torn checkpoint under a checkpoint's name:
 
-1. ``torch.save`` to ``step_XXXXXXX.pt.tmp``, flushed and ``fsync``-ed;
-2. its sha256 to ``step_XXXXXXX.pt.sha256`` (``sha256sum -c`` format; temp file, fsync, rename). When
-   the step is saved again (the end of a run re-saves its last boundary), the digest file lists the old
+1. ``torch.save`` to ``step_XXXXXXX.pt.tmp``, flushed and ``fsync``-ed, its sha256 computed from the bytes
+   as they are written (in a second thread, beside the write: the file is not read back);
+2. the sha256 to ``step_XXXXXXX.pt.sha256`` (``sha256sum -c`` format; temp file, fsync, rename). When
+   the step is saved again, the digest file lists the old
    and the new digest until the new file is in place, so either file verifies at every instant;
 3. ``os.replace`` of the temp file onto ``step_XXXXXXX.pt``, then ``fsync`` of the folder;
 4. older checkpoints beyond ``keep_last`` (and stale temp files) are removed.
@@ -73,6 +74,45 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _HashingWriter:
+    """A write-only binary file that also feeds every byte to a sha256, in a second thread while the file
+    write runs (hashlib and file writes both release the GIL for large buffers): the digest costs about
+    nothing beside the write, where reading the file back cost more than writing it (bench/README.md:
+    7.2 s of a 13.4 s checkpoint at 8.2 GB). Each `write` waits for its hash, as its buffer is only lent."""
+
+    def __init__(self, handle, pool):
+        self.handle, self.pool, self.digest = handle, pool, hashlib.sha256()
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        if view.nbytes < 1 << 20:  # small records: not worth a thread hop
+            self.digest.update(view)
+            return self.handle.write(view)
+        hashing = self.pool.submit(self.digest.update, view)
+        try:
+            return self.handle.write(view)
+        finally:
+            hashing.result()
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _save_hashed(state: dict, path: Path) -> str:
+    """torch.save `state` to `path` (flushed, fsync-ed); returns the file's sha256."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sha256") as pool:
+        box: list[_HashingWriter] = []
+
+        def write(handle) -> None:
+            box.append(_HashingWriter(handle, pool))
+            torch.save(state, box[0])
+
+        _write_synced(path, write)
+    return box[0].digest.hexdigest()
+
+
 def _write_synced(path: Path, write: Callable) -> None:
     """Create `path` with `write(handle)`, flushed and fsync-ed before it is closed."""
     with path.open("wb") as handle:
@@ -92,9 +132,8 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
     writing = tmp
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_synced(tmp, lambda handle: torch.save(state, handle))
+        new = _save_hashed(state, tmp)
         writing = digest_file
-        new = _sha256(tmp)
         if path.exists():  # saved again: both files must verify until the rename (a legacy file: its own hash)
             old = [d for d in (recorded_digests(path) or [_sha256(path)]) if d != new]
         else:

@@ -40,6 +40,7 @@ from biollm_cls.budget import BudgetLedger
 from biollm_cls.checkpoint import (
     CheckpointError,
     checkpoint_problem,
+    checkpoint_step,
     list_checkpoints,
     load_latest_checkpoint,
     save_checkpoint,
@@ -278,16 +279,21 @@ def build_run(cfg: RunConfig, restart_stale: bool = False) -> Run:
     return run
 
 
-def compile_neocortex(neocortex: torch.nn.Module, **options) -> None:
-    """``train.compile_model``: regional compilation, each decoder layer under `torch.compile` (one compiled
-    layer serves every layer, the base and the system views, train and eval). Shapes vary between wake, sleep,
-    refresh, the Fisher pass and evaluation, and grad mode / train mode / mask-or-none each make a variant:
-    room for them all in dynamo's cache, or it would fall back to eager without a word."""
+def compile_neocortex(neocortex: torch.nn.Module, scope: str = "trunk", **options) -> None:
+    """``train.compile_model``: `torch.compile` of the neocortex's forward. ``trunk`` (``train.compile_scope``'s
+    default): the whole stack, embeddings to the final norm, one graph per variant with the injection hook and
+    the hippocampus traced into it (a graph break, should one occur, splits it, and the rest stays compiled);
+    ``layers``: each decoder layer alone (regional; one compiled layer serves every layer). Shapes vary between
+    wake, sleep, refresh, the Fisher pass and evaluation, and grad mode / train mode / base or system view each
+    make a variant: room for them all in dynamo's cache, or it would fall back to eager without a word."""
     import torch._dynamo
 
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    neocortex.compile_layers(**options)
+    if scope == "trunk":
+        neocortex.compile_trunk(**options)
+    else:
+        neocortex.compile_layers(**options)
 
 
 def build_learner(cfg: RunConfig, device: torch.device) -> Learner:
@@ -296,7 +302,7 @@ def build_learner(cfg: RunConfig, device: torch.device) -> Learner:
     for p in neocortex.parameters():
         p.requires_grad_(trains_base)
     if cfg.train.compile_model:
-        compile_neocortex(neocortex)
+        compile_neocortex(neocortex, cfg.train.compile_scope)
     base_params = [p for p in neocortex.parameters() if p.requires_grad]
     # On CUDA the fused AdamW kernel: bench/RESULTS_notes.md measured ~1 GB less peak memory in plain FT and in
     # sleep at the Qwen-0.5B shape (no foreach temporaries); the CPU keeps the default (and its numbers).
@@ -575,7 +581,8 @@ def finish(run: Run, log: MetricsLog) -> dict:
         for key, value in summary["views"][view].items():
             if view == "system" and key in ("final_seen_acc_avg", "final_forgetting", "final_bwt", "seen_acc_auc"):
                 summary[key] = value
-    _save(run)
+    if _latest_saved_step(run) != st.step:  # every run ends on a task boundary, already saved: not again
+        _save(run)
     if run.clock is not None:
         run.clock.lap()  # the last checkpoint write is part of the loop's wall time
     log.log({"kind": "summary", "step": st.step, **summary})
@@ -654,6 +661,14 @@ def _metadata(run: Run, status: str, timing: dict | None = None) -> dict:
 def _save(run: Run) -> None:
     with _phase(run, "checkpoint"):
         _save_checkpoint(run)
+
+
+def _latest_saved_step(run: Run) -> int | None:
+    """The step of the run's newest checkpoint (None: none yet). Perf: the boundary checkpoint of the last step
+    holds the state the run ends with (only the ledger's buffer fields and timings are set after it, and a
+    resume recomputes them), so the end of a run does not write the same multi-GB state a second time."""
+    saved = list_checkpoints(run.run_dir)
+    return checkpoint_step(saved[-1]) if saved else None
 
 
 def _save_checkpoint(run: Run) -> None:

@@ -11,8 +11,6 @@ The fault is installed by wrapping a library function (nothing in the library is
 * ``checkpoint_write`` ``{"call": n, "fraction": f}``: the n-th checkpoint's temp file holds the first
   fraction f of its bytes (a write cut short);
 * ``checkpoint_renamed`` ``{"call": n}``: the n-th checkpoint is renamed into place, the folder not yet synced;
-* ``digest_resave``: a step saved again (the end of a run) has its two-digest record written, the new
-  file not yet renamed: the window in which the old file must still verify;
 * ``finish``: the task matrix and metadata are written, the glossary and summary.json not yet.
 
 ``enospc_checkpoint`` ``{"call": n}`` is not a kill: the n-th checkpoint write fails with
@@ -114,17 +112,6 @@ def install(fault: dict, patch=setattr) -> None:
             return real(folder)
 
         patch(checkpoint, "fsync_dir", fsync_dir)
-    elif point == "digest_resave":
-        import biollm_cls.checkpoint as checkpoint
-
-        real = checkpoint._write_digests
-
-        def write_digests(digest_file, tmp, name, digests):
-            real(digest_file, tmp, name, digests)
-            if len(digests) > 1:
-                _kill()
-
-        patch(checkpoint, "_write_digests", write_digests)
     elif point == "finish":
         import biollm_cls.train as train
 

@@ -31,7 +31,7 @@ TINY = [
     "train.num_threads=1", "train.progress=false", "device=cpu",
 ]
 STEPS = 30
-SAVES = 10  # steps 4 8 10 12 16 20 24 28 30, and the end of the run saves step 30 again
+SAVES = 9  # steps 4 8 10 12 16 20 24 28 30 (the end of the run does not save step 30 again)
 SLEEP_UPDATES = 15  # 5 sleeps x 3 consolidation updates
 COMPARED = ("summary.json", "task_matrix.csv", "metrics.jsonl")
 

@@ -3,7 +3,7 @@
 Each scenario SIGKILLs a real ``python -m biollm_cls.cli train`` process (``fault_driver.py``) at a point
 drawn with ``random.Random(BIOLLM_FAULT_SEED)`` (default 11; the drawn points are in the test ids): in a
 wake step, inside a sleep cycle, in the middle of a checkpoint write, right after a checkpoint's rename,
-in the two-digest window of a re-saved step, while the run writes its final files, twice in a row, and
+while the run writes its final files, twice in a row, and
 once from outside at a random moment (``kill -9`` by the parent, timed by metrics.jsonl's length). The
 rerun (in-process, the same CLI) must say on stderr only from which checkpoint it resumes (no warning: no
 kill may leave a torn checkpoint under a checkpoint's name) and reproduce summary.json and task_matrix.csv byte for byte, and every metrics row.
@@ -50,7 +50,6 @@ for low, high in ((1, SAVES // 2), (SAVES // 2 + 1, SAVES)):
                                                           "fraction": fraction}]
 _call = _rng.randint(1, SAVES)
 SCENARIOS[f"checkpoint-renamed{_call}"] = [{"point": "checkpoint_renamed", "call": _call}]
-SCENARIOS["digest-resave"] = [{"point": "digest_resave"}]
 SCENARIOS["finish"] = [{"point": "finish"}]
 _first, _second = _rng.randint(1, 7), _rng.randint(1, 3)  # a save up to step 24: the step-30 sleep is still ahead
 SCENARIOS[f"twice-checkpoint-write{_first}-then-sleep-update{_second}"] = [

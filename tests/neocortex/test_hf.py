@@ -441,11 +441,42 @@ def test_resume_leaves_the_stack_in_place(zoo, batch):
                                zoo.ref("qwen2").model(ids, attention_mask=mask).last_hidden_state[real])
 
 
-def test_compiled_layers_give_the_eager_output_without_recompiling_per_call(zoo, batch):
-    """Regional compilation (train.compile_model), traced by dynamo with the eager backend (no C++ build on the
-    CI machine): the same numbers, and a bounded set of graphs over base/system, train/eval, grad/no-grad."""
+@pytest.mark.parametrize("scope", ["trunk", "layers"])
+def test_compiled_neocortex_gives_the_eager_output_without_recompiling_per_call(zoo, batch, scope):
+    """train.compile_model, traced by dynamo with the eager backend (no C++ build on the CI machine): the same
+    numbers (base view, system view, resume), a bounded set of graphs over base/system, train/eval,
+    grad/no-grad, and for the whole trunk no graph break (the injection and the hippocampus are traced in)."""
     import torch._dynamo
 
+    torch._dynamo.reset()
+    neo = build_neocortex(zoo.cfg("qwen2"), device=CPU)
+    ids, mask = batch
+    hip = Hippocampus(neo.hidden_size, ExpertsConfig(num_experts=4, expert_hidden=8, top_k=2))
+    with torch.no_grad():
+        hip.w_out.normal_()
+    inject = lambda h, m: hip(h, m)[0]  # noqa: E731
+    split = torch.randn(2, 8, neo.hidden_size)
+    with torch.no_grad():
+        eager = [neo.hidden(ids, mask), neo.hidden(ids, mask, inject=inject), neo.resume(split, mask)]
+    from biollm_cls.train import compile_neocortex
+
+    compile_neocortex(neo, scope, backend="eager")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for _ in range(3):
+        with torch.no_grad():
+            compiled = [neo.hidden(ids, mask), neo.hidden(ids, mask, inject=inject), neo.resume(split, mask)]
+        neo.train()
+        neo.hidden(ids, mask, inject=inject).sum().backward()
+        neo.eval()
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 6, graphs  # the variants above (and dynamo's split variants), not one per call
+    if scope == "trunk":
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert graphs <= 4, graphs  # base, system, resume (no grad), system (train, grad): one graph each
     torch._dynamo.reset()
     neo = build_neocortex(zoo.cfg("qwen2"), device=CPU)
     ids, mask = batch

@@ -93,3 +93,37 @@ def test_sequence_longer_than_seq_len_raises():
 def test_runtime_info():
     info = make_model().runtime_info()
     assert info["neocortex"] == "tiny" and info["injection_layer_idx"] == 1 and info["num_decoder_layers"] == 3
+
+
+def test_compiled_trunk_gives_the_eager_output_in_one_graph_per_view(tiny_cfg, make_learner):
+    """train.compile_scope=trunk (dynamo with the eager backend: no C++ build on the CI machine): `hidden`
+    with the learner's injection (routing recorded, the kept split) and `resume` give the eager numbers, with no
+    graph break and one graph per view."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from biollm_cls.train import compile_neocortex
+
+    torch._dynamo.reset()
+    learner = make_learner(tiny_cfg)
+    neo = learner.neocortex.eval()
+    with torch.no_grad():
+        learner.hippocampus.w_out.normal_()
+    ids, mask = inputs()
+
+    def views():
+        with torch.no_grad():
+            system = learner.system_hidden(ids, mask, keep_split=True)
+            return [learner.base_hidden(ids, mask), system, learner.system_hidden_from_split(learner.last_split, mask)]
+
+    eager = views()
+    compile_neocortex(neo, "trunk", backend="eager")
+    counters.clear()
+    for _ in range(3):
+        compiled = views()
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+    assert len(learner.last_routing) == 1  # the side effects of the traced injection happened
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 3  # base, system (keeping the split), resume
+    torch._dynamo.reset()

@@ -180,6 +180,10 @@ class TrainConfig:
     allow_tf32: bool = True
     matmul_precision: str = "high"
     compile_model: bool = False
+    # what compile_model compiles: trunk = the neocortex's whole forward, embeddings to final norm, as one graph
+    # per variant (the injection and the hippocampus are traced into it); layers = each decoder layer alone
+    # (regional: faster to compile, but every layer call pays its own guard and launch overhead on the host)
+    compile_scope: str = "trunk"
     grad_clip: float = 1.0  # 0 disables
     deterministic: bool = True
     progress: bool = True  # tqdm bar (hidden when stderr is not a TTY)
@@ -246,6 +250,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "ewc.fisher_dtype": ("fp32", "bf16"),
     "ewc.anchor_dtype": ("fp32", "bf16"),
     "train.amp_dtype": ("bf16", "fp16"),
+    "train.compile_scope": ("trunk", "layers"),
     "train.matmul_precision": ("highest", "high", "medium"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }

@@ -350,6 +350,19 @@ class HFNeocortex(nn.Module):
         for layer in self._parts.get("layers") or []:
             layer.forward = torch.compile(layer.forward, **options)
 
+    def compile_trunk(self, **options) -> None:
+        """Whole-stack compilation: the trunk's forward (embeddings, every layer, the final norm) under
+        `torch.compile`. The injection hook on layer pre-1 runs inside it, so dynamo traces the hippocampus into
+        the same graph; the base view (no injection), the system view and `resume` (the stack swapped for the
+        upper layers) are separate variants of one compiled function. Perf: one guard check and one graph launch
+        per forward instead of one per layer, and the model's Python around the layers (masks, rotary
+        embeddings) runs once at trace time."""
+        trunk = self._parts["trunk"]
+        if trunk is not None:
+            trunk.forward = torch.compile(trunk.forward, **options)
+        else:  # legacy layout without a separable trunk: the whole model
+            self.model.forward = torch.compile(self.model.forward, **options)
+
     def _full_forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Legacy path for a model with no separable trunk: its last hidden state (logits of one position)."""
         kwargs = {"output_hidden_states": True, "use_cache": False}

@@ -93,6 +93,11 @@ class TinyNeocortex(nn.Module):
         for block in self.blocks:
             block.forward = torch.compile(block.forward, **options)
 
+    def compile_trunk(self, **options) -> None:
+        """Whole-stack compilation: `hidden` (the injection traced into it) and `resume` under `torch.compile`."""
+        self.hidden = torch.compile(self.hidden, **options)
+        self.resume = torch.compile(self.resume, **options)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (..., V)
 
