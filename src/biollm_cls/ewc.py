@@ -35,7 +35,6 @@ from torch import nn
 
 from biollm_cls.benchmarks.base import Batch
 
-
 _FAST_DTYPES = (torch.float32, torch.bfloat16)  # storage dtypes of the multi-tensor penalty pass
 
 

@@ -279,13 +279,14 @@ def build_run(cfg: RunConfig, restart_stale: bool = False) -> Run:
     return run
 
 
-def compile_neocortex(neocortex: torch.nn.Module, scope: str = "trunk", **options) -> None:
-    """``train.compile_model``: `torch.compile` of the neocortex's forward. ``trunk`` (``train.compile_scope``'s
-    default): the whole stack, embeddings to the final norm, one graph per variant with the injection hook and
-    the hippocampus traced into it (a graph break, should one occur, splits it, and the rest stays compiled);
-    ``layers``: each decoder layer alone (regional; one compiled layer serves every layer). Shapes vary between
-    wake, sleep, refresh, the Fisher pass and evaluation, and grad mode / train mode / base or system view each
-    make a variant: room for them all in dynamo's cache, or it would fall back to eager without a word."""
+def compile_neocortex(neocortex: torch.nn.Module, scope: str = "layers", **options) -> None:
+    """``train.compile_model``: `torch.compile` of the neocortex's forward (``train.compile_scope``).
+    ``layers`` (the default): each decoder layer alone (regional; one compiled layer serves every layer).
+    ``trunk``: the whole stack, embeddings to the final norm, one graph per variant with the injection hook and
+    the hippocampus traced into it (a graph break, should one occur, splits it, and the rest stays compiled).
+    Shapes vary between wake, sleep, refresh, the Fisher pass and evaluation, and grad mode / train mode / base
+    or system view each make a variant: room for them all in dynamo's cache, or it would fall back to eager
+    without a word."""
     import torch._dynamo
 
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -466,7 +467,7 @@ def maybe_sleep(run: Run, step: int, task: int, bar) -> tuple[SleepReport, Refre
     st.base_updates_in_sleep += report.steps
     st.non_finite_sleep_step_count += report.skipped_steps
     st.refresh_count_total += refresh.refresh_count
-    rows_per_step = round((report.replay_batch_size_sleep + report.pseudo_batch_size)) if report.steps else 0
+    rows_per_step = round(report.replay_batch_size_sleep + report.pseudo_batch_size) if report.steps else 0
     st.sleep_log.append([step, report.steps, rows_per_step])
     hip_rows = report.hippocampal_replay_steps * rows_per_step
     st.ledger.add_sleep(report.steps, round(report.replay_batch_size_sleep * report.steps),

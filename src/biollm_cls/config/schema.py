@@ -180,10 +180,12 @@ class TrainConfig:
     allow_tf32: bool = True
     matmul_precision: str = "high"
     compile_model: bool = False
-    # what compile_model compiles: trunk = the neocortex's whole forward, embeddings to final norm, as one graph
-    # per variant (the injection and the hippocampus are traced into it); layers = each decoder layer alone
-    # (regional: faster to compile, but every layer call pays its own guard and launch overhead on the host)
-    compile_scope: str = "trunk"
+    # what compile_model compiles: layers = each decoder layer alone (regional: one compiled layer serves all,
+    # compiles in about a minute); trunk = the neocortex's whole forward, embeddings to final norm, one graph
+    # per view with the injection and the hippocampus traced in. Measured (bench/RESULTS_notes.md, H200,
+    # Qwen-0.5B shape, 4x256): trunk made sleep ~5 % and sleep+pseudo ~12 % faster but took ~9 min of compiling
+    # per process (the Fisher pass alone 62 s), so layers is the default
+    compile_scope: str = "layers"
     grad_clip: float = 1.0  # 0 disables
     deterministic: bool = True
     progress: bool = True  # tqdm bar (hidden when stderr is not a TTY)
