@@ -11,7 +11,6 @@ tensors, the sha256 of the file, and the whole write. JSON to stdout (and ``--js
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from biollm_cls.checkpoint import save_checkpoint
+from biollm_cls.run_io import file_sha256
 
 QWEN_05B_PARAMS = 494.0e6  # the bench model's parameters (bench/RESULTS.md)
 EWC_PARAMS = 372.6e6  # the EWC-covered weights (row-sparse embedding)
@@ -78,14 +78,6 @@ def torch_save_synced(state, path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/dev/shm/ckbench", help="scratch folder (deleted afterwards)")
@@ -104,7 +96,7 @@ def main() -> None:
         if device.type == "cuda":
             res["d2h_pinned_s"], _ = timed(lambda: to_host(state, pinned=True), device)
         res["torch_save_host_s"], _ = timed(lambda: torch_save_synced(host, root / "host.pt"), device)
-        res["sha256_s"], _ = timed(lambda: sha256(root / "host.pt"), device)
+        res["sha256_s"], _ = timed(lambda: file_sha256(root / "host.pt"), device)
         res["torch_save_device_s"], _ = timed(lambda: torch_save_synced(state, root / "device.pt"), device)
         for name in ("host.pt", "device.pt"):
             (root / name).unlink()

@@ -354,3 +354,21 @@ def test_ewc_from_config_reads_both_storage_dtypes(tiny_cfg):
     ewc = OnlineEWC.from_config(tiny_cfg.ewc)
     assert (ewc.lambda_, ewc.decay) == (tiny_cfg.ewc.lambda_, tiny_cfg.ewc.fisher_decay)
     assert ewc.fisher_dtype == ewc.anchor_dtype == torch.bfloat16
+
+
+def test_fp32_view_of_a_mixed_list_copies_each_source_dtype_in_one_uniform_multi_tensor_copy(monkeypatch):
+    # CUDA's fused multi-tensor copy takes a source list of one dtype only; a mixed list (fp32 norm anchors
+    # beside bf16 linear anchors) would fall back to one copy kernel per tensor.
+    from biollm_cls import ewc as ewc_module
+
+    calls = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (calls.append([t.dtype for t in src]),
+                                                                   real_copy(dst, src)))
+    like = [torch.zeros(3), torch.zeros(2, 2), torch.zeros(4), torch.zeros(1)]
+    tensors = [torch.randn(3).bfloat16(), torch.randn(2, 2), torch.randn(4).half(), torch.randn(1).bfloat16()]
+    out = ewc_module._as_fp32(tensors, like)
+    assert sorted(calls, key=str) == [[torch.bfloat16, torch.bfloat16], [torch.float16]]
+    assert out[1] is tensors[1]  # an fp32 tensor is used as it is, not copied
+    for got, src in zip(out, tensors, strict=True):
+        assert got.dtype == torch.float32 and torch.equal(got, src.float())

@@ -278,3 +278,19 @@ def test_a_left_padded_stream_batch_is_refused_in_one_line(tmp_path, monkeypatch
     with pytest.raises(DataError, match=r"batch of step 1 is left-padded .* need right padding") as err:
         _run(tmp_path, "left", "ablation=no_sleep")
     assert "\n" not in str(err.value)
+
+
+def test_build_learner_compiles_the_neocortex_with_the_configured_scope_and_mode(monkeypatch):
+    import torch
+
+    from biollm_cls.train import build_learner
+
+    calls = []
+    monkeypatch.setattr(train_module, "compile_neocortex", lambda neo, scope, **options: calls.append((scope, options)))
+    cfg = load_config([*SMALL, "train.compile_model=true", "train.compile_scope=trunk",
+                       "train.compile_mode=max-autotune-no-cudagraphs"])
+    build_learner(cfg, torch.device("cpu"))
+    assert calls == [("trunk", {"mode": "max-autotune-no-cudagraphs"})]
+    calls.clear()
+    build_learner(load_config([*SMALL]), torch.device("cpu"))  # compile_model defaults to false
+    assert calls == []

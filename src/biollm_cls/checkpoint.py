@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from biollm_cls.run_io import OutputWriteError, fsync_dir
+from biollm_cls.run_io import OutputWriteError, file_sha256, fsync_dir
 
 _PATTERN = re.compile(r"step_(\d{7})\.pt$")
 DIGEST_SUFFIX = ".sha256"
@@ -64,14 +64,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if _PATTERN.search(p.name))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _HashingWriter:
@@ -135,7 +127,7 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
         new = _save_hashed(state, tmp)
         writing = digest_file
         if path.exists():  # saved again: both files must verify until the rename (a legacy file: its own hash)
-            old = [d for d in (recorded_digests(path) or [_sha256(path)]) if d != new]
+            old = [d for d in (recorded_digests(path) or [file_sha256(path)]) if d != new]
         else:
             old = []
         _write_digests(digest_file, digest_tmp, path.name, [new, *old])
@@ -196,7 +188,7 @@ def checkpoint_problem(path: Path) -> str | None:
     expected = recorded_digests(path)
     if not expected:
         return f"unreadable {digest_path(path).name}"
-    if _sha256(path) not in expected:
+    if file_sha256(path) not in expected:
         return f"sha256 mismatch, truncated or corrupted ({path.stat().st_size} bytes)"
     return None
 

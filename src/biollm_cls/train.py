@@ -303,7 +303,7 @@ def build_learner(cfg: RunConfig, device: torch.device) -> Learner:
     for p in neocortex.parameters():
         p.requires_grad_(trains_base)
     if cfg.train.compile_model:
-        compile_neocortex(neocortex, cfg.train.compile_scope)
+        compile_neocortex(neocortex, cfg.train.compile_scope, mode=cfg.train.compile_mode)
     base_params = [p for p in neocortex.parameters() if p.requires_grad]
     # On CUDA the fused AdamW kernel: bench/RESULTS_notes.md measured ~1 GB less peak memory in plain FT and in
     # sleep at the Qwen-0.5B shape (no foreach temporaries); the CPU keeps the default (and its numbers).

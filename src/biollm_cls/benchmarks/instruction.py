@@ -35,10 +35,11 @@ import torch
 
 from biollm_cls.benchmarks.base import IGNORE, Batch, step_generator, task_at
 from biollm_cls.benchmarks.errors import DataError
-from biollm_cls.benchmarks.packs.builder import file_sha256, is_pack, pack_dir, read_metadata, verify_pack
+from biollm_cls.benchmarks.packs.builder import is_pack, pack_dir, read_metadata, verify_pack
 from biollm_cls.benchmarks.packs.sources import read_json_records
 from biollm_cls.benchmarks.tokenizers import TextTokenizer, build_tokenizer
 from biollm_cls.config.schema import BenchmarkConfig, ConfigError, RunConfig
+from biollm_cls.run_io import file_sha256
 
 __all__ = ["Example", "InstructionStream", "PromptEncoder", "build_instruction_stream", "resolve_vocab_size"]
 

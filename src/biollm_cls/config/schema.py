@@ -186,6 +186,10 @@ class TrainConfig:
     # Qwen-0.5B shape, 4x256): trunk made sleep ~5 % and sleep+pseudo ~12 % faster but took ~9 min of compiling
     # per process (the Fisher pass alone 62 s), so layers is the default
     compile_scope: str = "layers"
+    # torch.compile's mode for compile_model: default | max-autotune-no-cudagraphs (autotuned kernels, longer
+    # compiles). Not reduce-overhead: CUDA graphs of each compiled layer fail (measured, H200): a layer's output,
+    # the next layer's input, is overwritten by that next replay of the same graph (bench/RESULTS_notes.md)
+    compile_mode: str = "default"
     grad_clip: float = 1.0  # 0 disables
     deterministic: bool = True
     progress: bool = True  # tqdm bar (hidden when stderr is not a TTY)
@@ -253,6 +257,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "ewc.anchor_dtype": ("fp32", "bf16"),
     "train.amp_dtype": ("bf16", "fp16"),
     "train.compile_scope": ("trunk", "layers"),
+    "train.compile_mode": ("default", "max-autotune-no-cudagraphs"),
     "train.matmul_precision": ("highest", "high", "medium"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }

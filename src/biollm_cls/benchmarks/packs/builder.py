@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from biollm_cls.benchmarks.errors import DataError
 from biollm_cls.benchmarks.packs.sources import RawRow, Source, read_utf8
+from biollm_cls.run_io import file_sha256
 
 PACK_FORMAT = "biollm-cls-pack/1"
 METADATA = "metadata.json"
@@ -280,14 +281,6 @@ def _replace_dir(new: Path, dest: Path) -> None:
 
 def task_list_sha256(tasks: list[str]) -> str:
     return hashlib.sha256("\n".join(tasks).encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pack_dir(path: str | Path) -> Path:
