@@ -202,8 +202,13 @@ class Timer:
             exclude_bytes = exclude_bytes or self.exclude
             excluded = exclude_bytes() if exclude_bytes is not None else 0
             peak = torch.cuda.max_memory_allocated()
+            # A replayed CUDA graph allocates nothing: its activations and gradients live in the graphs' private
+            # pool, which stays reserved. So the phase's peak is the allocated peak outside that pool plus the
+            # whole pool (reserved, used by every replay).
+            pool_reserved, pool_allocated = graph_pool_bytes()
+            peak += pool_reserved - pool_allocated
             out.update(peak_gb=(peak - excluded) / GB, peak_raw_gb=peak / GB, excluded_gb=excluded / GB,
-                       resident_before_gb=(base - excluded) / GB)
+                       resident_before_gb=(base - excluded) / GB, graph_pool_gb=pool_reserved / GB)
         times: list[float] = []
         paired: dict[str, list[float]] = {k: [] for k in self.pairs}
         for i in range(self.steps):
@@ -217,6 +222,15 @@ class Timer:
             if "plain_ft" in paired:  # the key the reports of earlier runs read
                 out["paired_plain_median_s"] = out["paired_median_s"]["plain_ft"]
         return out
+
+
+def graph_pool_bytes() -> tuple[int, int]:
+    """(reserved, allocated) bytes of the CUDA graphs' private memory pools (0, 0 without graphs)."""
+    import torch
+
+    segments = [seg for seg in torch.cuda.memory._snapshot()["segments"]
+                if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
+    return sum(seg["total_size"] for seg in segments), sum(seg["allocated_size"] for seg in segments)
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -509,6 +523,7 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
     res["refresh_full"].update(rows=sum(rows), experts_tested=refresh.report.tested)
 
     res["cuda_events_per_step"] = timer.kernels
+    res["step_graphs"] = learner.graphs.stats() if learner.graphs is not None else None  # train.cuda_graphs
     res["plain_ft_strong"]["graphs_compiled_later"] = compile_count() - graphs1  # recompiles: should be 0
     derive_figures(res, device.type == "cuda")
     return res
@@ -756,6 +771,8 @@ STAGE_NOTES = {
               "bf16 (`ewc.fisher_dtype=bf16`, as in the Qwen presets; the anchor stays fp32)",
     "s1_final": "the first optimised library: `Learner.frozen_base` in wake, `zero_grad` before the sleep forward, "
                 "EWC penalty and Fisher accumulation as `torch._foreach_*` passes",
+    "issue12_s4": "`train.cuda_graphs=true`: whole wake and sleep steps captured as CUDA graphs and replayed; "
+                  "peak memory counts the graphs' whole reserved pool",
     "s1_final_fused": "what-if, **not** the default: the same library with both AdamW optimizers built "
                       "`fused=True` (a `build_learner` change in train.py)",
 }
@@ -796,7 +813,9 @@ def write_report(runs: list[dict], md_path: Path, notes: dict[str, str], final_l
         "steps (compilation happens there); every step of a phase is preceded by one plain FT and one strongest "
         "plain FT step, and its ratios are taken against the medians of those interleaved steps (the host's "
         "speed drifts); memory: `max_memory_allocated` over 2 steps of the phase alone (GB = 1e9 bytes), "
-        "everything the process holds except the other plain FT optimizer's moments",
+        "everything the process holds except the other plain FT optimizer's moments; with `train.cuda_graphs` "
+        "plus the whole reserved private pool of the captured steps (a replay allocates nothing: its activations "
+        "and gradients live there, and the pool is shared by all of them and stays reserved)",
         f"* MFU(6N) = k · N · tokens/s ÷ {peak / 1e12:.0f} TFLOP/s (the H200's bf16 dense matmul rate measured "
         "on the lent machines, KINDS.md; the datasheet says ~990), k = 6 for a training step (plain FT, wake, "
         "sleep: 6N even where the base is frozen), 2 per forward pass for forward-only phases (base forward; "

@@ -126,6 +126,7 @@ def run_facts(results: Path, ablation: str, seed: str) -> dict:
         "job_wall_s": _benchmark_s(results / "benchmarks" / "train" / ablation / f"seed{seed}.tsv"),
         "loop_wall_s": timing.get("wall_time_s"), "steps_per_s": timing.get("steps_per_s"),
         "phase_s": timing.get("phase_s") or {},
+        "cuda_graphs": timing.get("cuda_graphs"),  # train.cuda_graphs: captures, replays, eager steps
         "last_checkpoint_gb": round(kept[-1].stat().st_size / 1e9, 2) if kept else None,
         "steps": (summary.get("run") or {}).get("steps"),
         "sleep_count": (summary.get("counters") or {}).get("sleep_count"),
@@ -188,6 +189,8 @@ def write_report(args: argparse.Namespace) -> None:
     lines += ["", "job wall = the whole `train` job (process start, model load, data); loop wall = the training "
               "loop (run_metadata.json timing.wall_time_s), split by phase (timing.phase_s); ckpt GB = the "
               f"run's last checkpoint. Run directories on {args.results_on}.", ""]
+    lines += [f"captured steps (train.cuda_graphs) of {r['run']}: {r['cuda_graphs']}" for r in runs
+              if r.get("cuda_graphs")] + [""]
     if stages:
         lines += ["## Stages of the script (seconds)", ""] + _table(["stage", "s"], stages) + [""]
     lines += ["## Merged metrics (tables/suite_summary.csv)", ""]

@@ -48,7 +48,9 @@ def test_strong_step_updates_every_base_weight(bench, model_dir):
         assert torch.are_deterministic_algorithms_enabled()  # switched off for the step only, then restored
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-    assert facts["optimizer"] == {"foreach": True} and facts["attn_implementation"] == "sdpa"
+    from biollm_cls.neocortex.hf import CAUSAL_SDPA
+
+    assert facts["optimizer"] == {"foreach": True} and facts["attn_implementation"] == CAUSAL_SDPA
     assert len(params) == sum(1 for _ in learner.neocortex.parameters())  # the whole base trains
     assert all(p.grad is not None for p in params)
     unchanged = [i for i, (p, b) in enumerate(zip(params, before, strict=True)) if torch.equal(p.detach(), b)]

@@ -310,3 +310,28 @@ def test_the_gated_distillation_ignores_a_worse_teacher(awake):
     cfg.consolidation.distill_gate = "none"
     distill, _, _ = sleep_step(learner, batch, values, wrong_ids.to(ids.dtype), n_replay, cfg, OnlineEWC(0.0, 0.9))
     assert float(distill) > 0
+
+
+def test_sleep_losses_over_padded_positions_equal_the_exact_ones(awake):
+    """A captured sleep step scores B*T positions (the teacher's rows padded with zeros): its losses and their
+    gradients are the eager step's, which scores exactly the supervised positions."""
+    from biollm_cls.sleep import sleep_losses
+
+    cfg, learner, stream, replay, _ = awake
+    cfg.consolidation.target_ce_weight, cfg.consolidation.distill_gate = 0.5, "teacher_better"
+    batch = collate(replay.sample(6), stream.pad_id)
+    batch.targets[1, -3:] = -100  # fewer supervised positions than B*T
+    values, ids = system_topk(learner, batch, cfg.replay.teacher_topk)
+    n, size = values.shape[0], batch.input_ids.numel()
+    assert n < size
+    results = []
+    for rows, v, i in ((n, values, ids), (size, F.pad(values, (0, 0, 0, size - n)), F.pad(ids, (0, 0, 0, size - n)))):
+        learner.base_optimizer.zero_grad(set_to_none=True)
+        distill, ce, loss = sleep_losses(learner, batch, v, i, 4, cfg, rows)  # rows 4, 5 count as pseudo rows
+        loss.backward()
+        results.append((distill.item(), ce.item(), [p.grad.clone() for p in learner.base_parameters()]))
+    (d0, ce0, g0), (d1, ce1, g1) = results
+    assert d0 > 0 and ce0 > 0
+    assert d1 == pytest.approx(d0, rel=1e-6) and ce1 == pytest.approx(ce0, rel=1e-6)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -97,6 +97,7 @@ class OnlineEWC:
         # indices here. Exact: a zero-Fisher row adds nothing to the penalty.
         self.rows: dict[str, torch.Tensor] = {}
         self.updates = 0
+        self.revision = 0  # bumped whenever the stored tensors are replaced (a captured step reads them)
 
     @classmethod
     def from_config(cls, cfg) -> OnlineEWC:
@@ -214,6 +215,7 @@ class OnlineEWC:
                 p.data.copy_(p.data.to(torch.bfloat16))  # the anchor below is then exact in bf16
             self._store(n, p, f, torch.bfloat16 if n in rounded else torch.float32)
         self.updates += 1
+        self.revision += 1
         return count
 
     _SPARSE_MIN = 1 << 20  # matrices at least this large may be stored row-sparse
@@ -255,3 +257,4 @@ class OnlineEWC:
     def load_state_dict(self, state: dict) -> None:
         self.fisher, self.anchor, self.updates = state["fisher"], state["anchor"], state["updates"]
         self.rows = state.get("rows", {})
+        self.revision += 1

@@ -146,13 +146,15 @@ class Hippocampus(nn.Module):
         """Switch-Transformer load-balancing loss E * sum_e f_e * P_e (1 when perfectly balanced)."""
         probs = routing.router_probs
         selected = (routing.gates > 0).float()
-        if probs.dim() == 3:
-            probs, selected = probs.flatten(0, 1), selected.flatten(0, 1)
-            if attention_mask is not None:
-                keep = attention_mask.flatten().bool()
-                probs, selected = probs[keep], selected[keep]
-        f = selected.mean(0) / self.top_k  # (E,) fraction of selections, no gradient
-        p = probs.mean(0)  # (E,) mean router probability, with gradient
+        per_token = probs.dim() == 3
+        if per_token:
+            probs, selected = probs.flatten(0, 1), selected.flatten(0, 1)  # (B*T, E)
+        keep = torch.ones(probs.shape[0], 1, device=probs.device)  # (N, 1) the positions that count
+        if per_token and attention_mask is not None:  # real tokens only
+            keep = attention_mask.flatten().to(probs.dtype).unsqueeze(1)  # (a weighted mean: no host sync)
+        n = keep.sum().clamp(min=1.0)
+        f = (selected * keep).sum(0) / n / self.top_k  # (E,) fraction of selections, no gradient
+        p = (probs * keep).sum(0) / n  # (E,) mean router probability, with gradient
         return self.num_experts * (f * p).sum()
 
     def utilization_entropy(self) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from biollm_cls.hippocampus import Hippocampus, Routing
+from biollm_cls.step_graphs import StepGraphs
 
 
 @dataclass
@@ -49,6 +50,16 @@ class Learner:
     device: torch.device
     last_routing: list[Routing] = field(default_factory=list)
     last_split: torch.Tensor | None = None  # [B,T,H] base state at the injection point (keep_split passes)
+    graphs: StepGraphs | None = None  # train.cuda_graphs: wake and sleep steps captured as CUDA graphs
+
+    def restored(self) -> None:
+        """After a checkpoint replaced weights' or optimizers' state: captured steps would update the old tensors,
+        and a loaded optimizer's param groups carry the flags of the run that saved them."""
+        if self.graphs is not None:
+            self.graphs.invalidate()
+            for opt in (self.base_optimizer, self.fast_optimizer):
+                for group in opt.param_groups if opt is not None else []:
+                    group["capturable"] = True
 
     def system_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       track_stats: bool = False, keep_split: bool = False) -> torch.Tensor:
@@ -118,13 +129,16 @@ class Learner:
     def base_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.neocortex.parameters() if p.requires_grad]
 
-    def step_optimizer(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float,
-                       grad_clip: float, add_grad: Callable[[], None] | None = None) -> None:
+    def step_optimizer(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float | torch.Tensor,
+                       grad_clip: float, add_grad: Callable[[], None] | None = None,
+                       skip: torch.Tensor | None = None) -> None:
         """Unscale (fp16), add `add_grad`'s terms, clip, set this step's learning rate, step.
 
         `add_grad` adds a gradient computed outside the backward (the EWC penalty) to ``.grad``. It runs after
         the GradScaler's unscale, where the gradients are at their true scale: added before, it would be divided
-        by the loss scale with them (at scale 1024 a penalty gradient of 10 arrived as 0.0098)."""
+        by the loss scale with them (at scale 1024 a penalty gradient of 10 arrived as 0.0098).
+        `skip` (a device bool, captured steps): the fused AdamW leaves weights, moments and step count as they
+        are where it is True, read on the device as a GradScaler's ``found_inf``; `lr` may be a device tensor."""
         for group in optimizer.param_groups:
             group["lr"] = lr
         scaler = self.precision.scaler
@@ -136,8 +150,14 @@ class Learner:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         if scaler is not None:
             scaler.step(optimizer)
-        else:
+        elif skip is None:
             optimizer.step()
+        else:
+            optimizer.found_inf = skip.float()
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.precision.scaler is not None:
@@ -148,6 +168,24 @@ class Learner:
     def end_update(self) -> None:
         if self.precision.scaler is not None:
             self.precision.scaler.update()
+
+
+def scored_positions(supervised: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B,T] bool -> ([size] flat index of each supervised position in row-major order, then index 0 as padding;
+    [size] bool, False on that padding). No host sync (`nonzero_static`): `size` fixes the shape, so a step can
+    score exactly its supervised positions (size = their count) or B*T positions (a captured step's fixed shape)."""
+    flat_mask = supervised.flatten()
+    flat = torch.nonzero_static(flat_mask, size=size, fill_value=0).squeeze(1)  # (size,)
+    return flat, torch.arange(size, device=flat.device) < flat_mask.sum()
+
+
+def per_row_weighted_mean(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, num_rows: int
+                          ) -> torch.Tensor:
+    """Weighted mean of per-position `values` [N] per row -> [num_rows] (0 for rows of zero weight); no sync."""
+    w = weights.to(values.dtype)
+    total = torch.zeros(num_rows, device=values.device, dtype=values.dtype).index_add_(0, rows, values * w)
+    count = torch.zeros(num_rows, device=values.device, dtype=values.dtype).index_add_(0, rows, w)
+    return total / count.clamp(min=1)
 
 
 def supervised_rows(supervised: torch.Tensor) -> torch.Tensor:

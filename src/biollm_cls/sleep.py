@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from biollm_cls.benchmarks.base import IGNORE, Batch
+from biollm_cls.benchmarks.base import IGNORE, Batch, to_device
 from biollm_cls.config.schema import RunConfig
 from biollm_cls.ewc import OnlineEWC
-from biollm_cls.learner import Learner
+from biollm_cls.learner import Learner, scored_positions
 from biollm_cls.replay import Episode, ReservoirReplay, collate
+from biollm_cls.step_graphs import padded_inputs
 
 
 @dataclass
@@ -120,8 +121,8 @@ def teacher_better(student_logits: torch.Tensor, teacher_values: torch.Tensor, t
 
 
 def stored_teacher(episodes: list[Episode], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    values = torch.cat([e.teacher_values for e in episodes]).to(device, non_blocking=True)
-    ids = torch.cat([e.teacher_ids for e in episodes]).to(device, non_blocking=True)
+    values = to_device(torch.cat([e.teacher_values for e in episodes]), device)
+    ids = to_device(torch.cat([e.teacher_ids for e in episodes]), device)
     return values, ids
 
 
@@ -250,42 +251,85 @@ def build_sleep_batch(learner: Learner, replay: ReservoirReplay, cfg: RunConfig,
         len(episodes), len(p_batch)
 
 
-def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: torch.Tensor, n_replay: int,
-               cfg: RunConfig, ewc: OnlineEWC) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One base update on a sleep batch. Returns (distill KL, target CE, applied)."""
+def sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor | None, t_ids: torch.Tensor | None,
+               n_replay: int, cfg: RunConfig, ewc: OnlineEWC) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One base update on a sleep batch. Returns (distill KL, target CE, applied), all on the device: `applied`
+    is False where the loss was non-finite and the update was skipped. With ``train.cuda_graphs`` (CUDA) the
+    step is a captured graph (`_captured_sleep_step`); otherwise it runs eagerly here."""
+    if learner.graphs is not None and learner.precision.scaler is None:
+        return _captured_sleep_step(learner, batch, t_values, t_ids, n_replay, cfg, ewc)
     learner.neocortex.train()
     # Perf: free the previous step's gradients before the forward, not after it (peak memory: the old
     # gradients and this step's activations are never alive together). Nothing reads .grad in between.
     learner.base_optimizer.zero_grad(set_to_none=True)
-    T = batch.input_ids.shape[1]
-    # Supervised positions, row-major (the order of the stored teachers): the step's only other host sync
-    # (the size of the set) besides the finite check below.
-    flat = batch.supervised.flatten().nonzero().squeeze(1)  # (N,)
-    with learner.precision.autocast():
-        hidden = learner.base_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
-        logits = learner.logits(hidden.flatten(0, 1)[flat]).float()  # (N, V)
-    c = cfg.consolidation
-    targets = batch.targets.flatten()[flat]  # (N,)
-    is_replay = flat // T < n_replay  # (N,) replay rows come first; pseudo rows have no ground truth
-    distill = torch.zeros((), device=logits.device)
-    if t_values is not None:
-        per_token = topk_kl(logits, t_values, t_ids, c.distill_temperature)  # (N,)
-        if c.distill_gate == "teacher_better":
-            keep = teacher_better(logits.detach(), t_values, t_ids, targets) | ~is_replay
-            per_token = per_token * keep
-        distill = per_token.mean()
-    target_ce = torch.zeros((), device=logits.device)
-    if c.target_ce_weight > 0:  # mean over the replay rows' tokens (a masked mean: no host sync for their count)
-        token_ce = F.cross_entropy(logits, targets, reduction="none")  # (N,)
-        target_ce = (token_ce * is_replay).sum() / is_replay.sum().clamp(min=1)
-    loss = c.distill_weight * distill + c.target_ce_weight * target_ce
+    # The supervised positions' count: known from the teacher's rows, else the step's one other host sync.
+    size = t_values.shape[0] if t_values is not None else int(batch.supervised.sum())
+    distill, target_ce, loss = sleep_losses(learner, batch, t_values, t_ids, n_replay, cfg, size)
     if not torch.isfinite(loss):  # the step's host sync: a non-finite loss must not reach the weights
-        return distill.detach(), target_ce.detach(), False
+        return distill.detach(), target_ce.detach(), torch.zeros((), dtype=torch.bool, device=loss.device)
     learner.backward(loss)
     learner.step_optimizer(learner.base_optimizer, learner.base_parameters(), cfg.consolidation.slow_lr,
                            cfg.train.grad_clip, add_grad=lambda: ewc.add_penalty_grad(learner.neocortex))
     learner.end_update()
-    return distill.detach(), target_ce.detach(), True
+    return distill.detach(), target_ce.detach(), torch.ones((), dtype=torch.bool, device=loss.device)
+
+
+def sleep_losses(learner: Learner, batch: Batch, t_values: torch.Tensor | None, t_ids: torch.Tensor | None,
+                 n_replay: int, cfg: RunConfig, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distill, target CE, loss) of the base alone on a sleep batch, with autograd.
+
+    `size` positions are scored: the supervised ones in row-major order (the order of the teacher's rows), then
+    padding that every mean leaves out. `t_values`/`t_ids` ([size,k]) have a row per scored position. The eager
+    step scores exactly the supervised positions; a captured step scores B*T (a shape fixed by the batch's)."""
+    T = batch.input_ids.shape[1]
+    flat, real = scored_positions(batch.supervised, size)  # (size,) each
+    with learner.precision.autocast():
+        hidden = learner.base_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
+        logits = learner.logits(hidden.flatten(0, 1)[flat]).float()  # (size, V)
+    c = cfg.consolidation
+    targets = batch.targets.flatten()[flat]  # (size,)
+    is_replay = (flat // T < n_replay) & real  # (size,) replay rows come first; pseudo rows have no ground truth
+    n_real = real.sum().clamp(min=1)
+    distill = torch.zeros((), device=logits.device)
+    if t_values is not None:
+        per_token = topk_kl(logits, t_values, t_ids, c.distill_temperature)  # (size,)
+        keep = real
+        if c.distill_gate == "teacher_better":
+            keep = keep & (teacher_better(logits.detach(), t_values, t_ids, targets) | ~is_replay)
+        distill = (per_token * keep).sum() / n_real  # mean over the supervised positions, gated ones count 0
+    target_ce = torch.zeros((), device=logits.device)
+    if c.target_ce_weight > 0:  # mean over the replay rows' tokens (a masked mean: no host sync for their count)
+        token_ce = F.cross_entropy(logits, targets, reduction="none")  # (size,)
+        target_ce = (token_ce * is_replay).sum() / is_replay.sum().clamp(min=1)
+    return distill, target_ce, c.distill_weight * distill + c.target_ce_weight * target_ce
+
+
+def _captured_sleep_step(learner: Learner, batch: Batch, t_values: torch.Tensor | None,
+                         t_ids: torch.Tensor | None, n_replay: int, cfg: RunConfig, ewc: OnlineEWC):
+    """`sleep_step` as a CUDA graph (step_graphs.py): the same losses over B*T scored positions (the teacher's
+    rows padded to that), the finite check on the device (the fused AdamW skips the update, its step count
+    included, when ``found_inf`` is set), no host sync."""
+    inputs, size = padded_inputs(batch, cfg.model.seq_len)
+    if t_values is not None:
+        inputs["t_values"] = F.pad(t_values, (0, 0, 0, size - t_values.shape[0]))  # (size, k)
+        inputs["t_ids"] = F.pad(t_ids, (0, 0, 0, size - t_ids.shape[0]))
+    opt, params = learner.base_optimizer, learner.base_parameters()
+    c = cfg.consolidation
+
+    def step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        learner.neocortex.train()
+        opt.zero_grad(set_to_none=True)
+        padded = Batch(x["input_ids"], x["targets"], x["attention_mask"], batch.task_ids)
+        distill, target_ce, loss = sleep_losses(learner, padded, x.get("t_values"), x.get("t_ids"), n_replay,
+                                                cfg, size)
+        finite = torch.isfinite(loss)
+        loss.backward()
+        learner.step_optimizer(opt, params, c.slow_lr, cfg.train.grad_clip,
+                               add_grad=lambda: ewc.add_penalty_grad(learner.neocortex), skip=~finite)
+        return distill.detach(), target_ce.detach(), finite
+
+    key = ("sleep", n_replay, c.slow_lr, ewc.revision, ewc.active)
+    return learner.graphs.run(key, step, inputs, after_capture=lambda: opt.zero_grad(set_to_none=True))
 
 
 def hippocampal_replay_step(learner: Learner, batch: Batch, t_values: torch.Tensor, t_ids: torch.Tensor,
@@ -346,30 +390,37 @@ def sleep_cycle(learner: Learner, replay: ReservoirReplay, ewc: OnlineEWC, steps
     probe = replay.sample(cfg.replay.batch_size) if distills else []
     report.distill_kl_before = probe_kl(learner, probe, pad_id, cfg)
     report.forward_passes += 2 * bool(probe)  # the probe, before and after
-    sums = torch.zeros(3, device=learner.device)  # distill, target CE, loss
-    pseudo_total = replay_total = 0
+    # Per step, on the device (no host sync per step): distill, target CE, loss (0 where skipped: a skipped
+    # step's non-finite losses stay out of the means) and whether it was applied; read once after the cycle.
+    tallies, rows = [], []
     pool = prepare_pseudo_pool(learner, replay, cfg, steps, pad_id, vocab_size, generator) if distills else None
     recent = RecentQueue(replay, since_step) if cfg.consolidation.recent_fraction > 0 else None
     if pool is not None:
         report.forward_passes += math.ceil(len(pool) / max(1, 256 // len(pool.batches[0])))
+    c = cfg.consolidation
     for step in range(steps):
         pseudo = (pool.batches[step], pool.values[step], pool.ids[step]) if pool is not None else None
         batch, t_values, t_ids, n_replay, n_pseudo = build_sleep_batch(learner, replay, cfg, pad_id, vocab_size,
                                                                        generator, pseudo, recent)
         distill, target_ce, applied = sleep_step(learner, batch, t_values, t_ids, n_replay, cfg, ewc)
-        if applied and cfg.consolidation.hippocampal_replay and learner.hippocampus is not None:
+        if c.hippocampal_replay and learner.hippocampus is not None and bool(applied):
             report.hippocampal_replay_steps += hippocampal_replay_step(learner, batch, t_values, t_ids, n_replay, cfg)
-        if not applied:
+        step_losses = torch.stack([distill, target_ce, c.distill_weight * distill + c.target_ce_weight * target_ce])
+        # a new tensor: a captured step's outputs are overwritten by its next replay
+        tallies.append(torch.cat([torch.where(applied, step_losses, 0.0), applied.float().reshape(1)]))
+        rows.append((n_replay, n_pseudo))
+    sums = [0.0, 0.0, 0.0]
+    replay_total = pseudo_total = 0
+    for (*step_losses, ok), (n_replay, n_pseudo) in zip(torch.stack(tallies).tolist(), rows, strict=True):
+        if not ok:
             report.skipped_steps += 1
             continue
-        c = cfg.consolidation
-        sums += torch.stack([distill, target_ce, c.distill_weight * distill + c.target_ce_weight * target_ce])
-        pseudo_total += n_pseudo
-        replay_total += n_replay
+        sums = [a + b for a, b in zip(sums, step_losses, strict=True)]
+        replay_total, pseudo_total = replay_total + n_replay, pseudo_total + n_pseudo
         report.steps += 1
-        report.gradient_rows += n_replay + n_pseudo
+    report.gradient_rows = replay_total + pseudo_total
     n = max(report.steps, 1)
-    report.distill_kl, report.target_ce, report.distill_loss = (float(v) / n for v in sums)
+    report.distill_kl, report.target_ce, report.distill_loss = (v / n for v in sums)
     report.pseudo_batch_size = pseudo_total / n
     report.replay_batch_size_sleep = replay_total / n
     report.sleep_mix_ratio_pseudo = pseudo_total / max(pseudo_total + replay_total, 1)

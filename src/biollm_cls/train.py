@@ -60,6 +60,7 @@ from biollm_cls.replay import ReservoirReplay, collate, episodes_from_batch
 from biollm_cls.run_io import MetricsLog, library_commit, now, versions, write_json, write_task_matrix
 from biollm_cls.scheduler import PressureSignals, SleepScheduler, clip01
 from biollm_cls.sleep import SleepReport, concat_batches, sleep_cycle, stored_teacher
+from biollm_cls.step_graphs import StepGraphs
 from biollm_cls.wake import WakeOutcome, wake_step
 
 VIEWS = ("system", "base")
@@ -308,6 +309,9 @@ def build_learner(cfg: RunConfig, device: torch.device) -> Learner:
     # On CUDA the fused AdamW kernel: bench/RESULTS_notes.md measured ~1 GB less peak memory in plain FT and in
     # sleep at the Qwen-0.5B shape (no foreach temporaries); the CPU keeps the default (and its numbers).
     fused = {"fused": True} if device.type == "cuda" else {}
+    graphs = StepGraphs(device) if cfg.train.cuda_graphs and device.type == "cuda" else None
+    if graphs is not None:
+        fused["capturable"] = True  # a captured step reads the step count and the lr on the device
     base_opt = torch.optim.AdamW(base_params or [torch.nn.Parameter(torch.zeros(1, device=device))],
                                  lr=cfg.consolidation.slow_lr, **fused)
     hippocampus, fast_opt = None, None
@@ -315,7 +319,7 @@ def build_learner(cfg: RunConfig, device: torch.device) -> Learner:
         hippocampus = Hippocampus(neocortex.hidden_size, cfg.experts).to(device)
         fast_opt = torch.optim.AdamW(hippocampus.parameters(), lr=cfg.experts.fast_lr, weight_decay=0.0, **fused)
     precision = Precision.build(device, cfg.train.amp_enabled, cfg.train.amp_dtype)
-    return Learner(neocortex, hippocampus, base_opt, fast_opt, precision, device)
+    return Learner(neocortex, hippocampus, base_opt, fast_opt, precision, device, graphs=graphs)
 
 
 def _keeps_teacher(run: Run) -> bool:
@@ -589,6 +593,8 @@ def finish(run: Run, log: MetricsLog) -> dict:
     log.log({"kind": "summary", "step": st.step, **summary})
     timing = {"wall_time_s": round(st.wall_time_s, 3), "steps_per_s": round(st.step / max(st.wall_time_s, 1e-9), 3),
               "phase_s": {name: round(st.phase_s.get(name, 0.0), 3) for name in PHASES}}
+    if run.learner.graphs is not None:  # train.cuda_graphs: how many step shapes were captured, how often replayed
+        timing["cuda_graphs"] = run.learner.graphs.stats()
     write_task_matrix(run.run_dir / "task_matrix.csv", st.task_matrix_rows)
     write_json(run.run_dir / "run_metadata.json", _metadata(run, status="complete", timing=timing))
     write_glossary(run.run_dir)  # what every logged metric means, next to the metrics
@@ -790,6 +796,7 @@ def _resume(run: Run) -> None:
     if run.replay is not None:
         run.replay.load_state_dict(state["replay"])
     run.ewc.load_state_dict(state["ewc"])
+    learner.restored()
     run.scheduler.load_state_dict(state["scheduler"])
     run.matrices = {v: ContinualMatrix.from_state_dict(m) for v, m in state["matrices"].items()}
     run.generator.set_state(state["generator"].cpu())

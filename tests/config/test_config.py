@@ -141,6 +141,18 @@ def test_bad_override_raises_one_line_config_error(override, must_name):
         assert fragment in message, (fragment, message)
 
 
+@pytest.mark.parametrize(("overrides", "must_name"), [
+    (["train.cuda_graphs=true", "train.amp_dtype=fp16"], ["train.cuda_graphs=true", "train.amp_dtype=bf16"]),
+    (["train.cuda_graphs=true", "model=hf_causal_lm", "model.hf_pass_attention_mask=true"],
+     ["train.cuda_graphs=true", "model.hf_pass_attention_mask=false"]),
+])
+def test_cuda_graphs_refuse_what_a_captured_step_cannot_do(overrides, must_name):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides)
+    assert "\n" not in str(info.value) and all(f in str(info.value) for f in must_name)
+    assert load_config(["train.cuda_graphs=true"]).train.cuda_graphs  # bf16, tiny model: accepted
+
+
 def test_max_steps_equal_to_the_plan_is_accepted():
     assert load_config(["train.max_steps=400"]).train.max_steps == 400
 

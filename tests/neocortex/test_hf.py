@@ -478,3 +478,27 @@ def test_compiled_neocortex_gives_the_eager_output_without_recompiling_per_call(
         assert not counters["graph_break"], dict(counters["graph_break"])
         assert graphs <= 4, graphs  # base, system, resume (no grad), system (train, grad): one graph each
     torch._dynamo.reset()
+
+
+def test_maskless_sdpa_runs_the_causal_implementation_with_the_same_hidden_states(tmp_path):
+    """hf_pass_attention_mask=false switches SDPA to `biollm_causal_sdpa`: transformers prepares no mask for it (no
+    host sync per forward, the same path while a CUDA graph is captured), and the hidden states are unchanged."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from biollm_cls.neocortex.hf import CAUSAL_SDPA, _use_causal_sdpa
+
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**sizes), attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        before = model.model(input_ids=ids).last_hidden_state
+        _use_causal_sdpa(model)
+        after = model.model(input_ids=ids).last_hidden_state
+    assert model.config._attn_implementation == CAUSAL_SDPA
+    torch.testing.assert_close(after, before)
+    windowed = Qwen2Config(**sizes, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    sliding = AutoModelForCausalLM.from_config(windowed, attn_implementation="sdpa")
+    _use_causal_sdpa(sliding)  # a sliding-window layer's mask is not plain causal: left as it was
+    assert sliding.config._attn_implementation == "sdpa"

@@ -26,7 +26,7 @@ class Batch:
     task_ids: torch.Tensor  # [B] long (rows of a joint batch come from different tasks)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in
+        return Batch(*(to_device(t, device) for t in
                        (self.input_ids, self.targets, self.attention_mask, self.task_ids)))
 
     @property
@@ -35,6 +35,15 @@ class Batch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` on `device`. CPU -> CUDA goes through pinned memory: a copy from pageable memory makes the host wait
+    until the GPU has finished the work queued before it, so the next step could not be prepared meanwhile."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 def is_right_padded(mask: torch.Tensor) -> bool:

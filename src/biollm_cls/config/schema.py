@@ -188,8 +188,17 @@ class TrainConfig:
     compile_scope: str = "layers"
     # torch.compile's mode for compile_model: default | max-autotune-no-cudagraphs (autotuned kernels, longer
     # compiles). Not reduce-overhead: CUDA graphs of each compiled layer fail (measured, H200): a layer's output,
-    # the next layer's input, is overwritten by that next replay of the same graph (bench/RESULTS_notes.md)
+    # the next layer's input, is overwritten by that next replay of the same graph (bench/RESULTS_notes.md);
+    # train.cuda_graphs captures whole steps instead
     compile_mode: str = "default"
+    # CUDA only: capture whole wake steps (those that train only the hippocampus) and sleep steps as CUDA graphs
+    # and replay them (src/biollm_cls/step_graphs.py): the host launches one graph instead of ~2,000 kernels
+    # per step, which bounds small batches on a large GPU (H200, 4x256: sleep 1.60x -> 0.42x the strongest plain
+    # FT step). Costs memory: the graphs' activations and gradients stay reserved in one pool (sleep peak 1.27x
+    # plain FT vs 1.19x without, bench/RESULTS.md), so the presets leave it off. Batches are right-padded to a
+    # multiple of 64 positions (masked out of every loss) so that few shapes occur, one graph each, captured
+    # after 2 eager steps. Needs bf16 or no autocast (fp16's GradScaler decides on the host). Ignored on the CPU
+    cuda_graphs: bool = False
     grad_clip: float = 1.0  # 0 disables
     deterministic: bool = True
     progress: bool = True  # tqdm bar (hidden when stderr is not a TTY)
@@ -321,6 +330,12 @@ def validate(cfg: RunConfig) -> RunConfig:
            cfg.replay.wake_distill_weight) < 0:
         raise ConfigError("consolidation.pseudo_ratio, wake_base_lr_scale, target_ce_weight, distill_weight and "
                           "replay.wake_distill_weight must be >= 0")
+    if cfg.train.cuda_graphs and cfg.train.amp_enabled and cfg.train.amp_dtype == "fp16":
+        raise ConfigError("train.cuda_graphs=true needs train.amp_dtype=bf16 (fp16's loss scaler decides on the "
+                          "host, which a captured step cannot do): set one of them differently")
+    if cfg.train.cuda_graphs and m.provider == "hf" and m.hf_pass_attention_mask:
+        raise ConfigError("train.cuda_graphs=true needs model.hf_pass_attention_mask=false (transformers builds a "
+                          "padded mask differently while a graph is captured): set one of them differently")
     if c.distill_weight == 0 and c.target_ce_weight == 0:
         raise ConfigError("consolidation.distill_weight=0 and target_ce_weight=0 leave sleep without a loss: "
                           "set one of them > 0")

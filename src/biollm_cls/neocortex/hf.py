@@ -138,6 +138,43 @@ def _logit_transform(config) -> tuple[float, float | None]:
     return scale, (float(cap) if cap else None)
 
 
+# ---- mask-free causal attention ---------------------------------------------------------------------
+CAUSAL_SDPA = "biollm_causal_sdpa"
+
+
+def _causal_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs):
+    """transformers' SDPA attention with no mask: pure causal attention (``is_causal``, the flash kernel)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+def _use_causal_sdpa(model: nn.Module) -> None:
+    """With ``hf_pass_attention_mask=false`` and SDPA attention: run `_causal_sdpa`, an attention implementation
+    of its own name, so transformers prepares no mask for it. Its mask preparation for a maskless SDPA forward
+    checks on the host whether the positions hold packed sequences (a host sync in every forward), and builds an
+    explicit mask instead while a CUDA graph is being captured (a different compiled layer than in the eager
+    warm-up, compiled inside the capture, which fails). Left as it is where a layer uses a sliding window (its
+    mask is not plain causal) or the model cannot switch its attention implementation."""
+    config = getattr(model.config, "text_config", None) or model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if any(t != "full_attention" for t in layer_types):
+            return
+    elif getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
+    try:
+        model.set_attn_implementation(CAUSAL_SDPA)
+    except (ValueError, NotImplementedError):  # an architecture that checks names itself: keep SDPA
+        return
+
+
 # ---- the injection hook -----------------------------------------------------------------------------
 class _InjectionHook:
     """Forward hook on layer pre-1: output -> output + inject(output, mask) while a system forward runs.
@@ -183,6 +220,8 @@ class HFNeocortex(nn.Module):
         # later pad key; pad positions change and stay masked downstream) and lets SDPA use its flash kernel:
         # 2.1x faster base forward on an H100 (Qwen2.5-0.5B shape, B=8, T=512, one padded row).
         self.pass_attention_mask = bool(cfg.hf_pass_attention_mask)
+        if not self.pass_attention_mask:
+            _use_causal_sdpa(self.model)
         self.layer_path, layers = hf_split_layer_path(self.model)
         if layers is not None:
             self._setup_split(layers, cfg.hf_injection_fraction)
