@@ -233,6 +233,35 @@ def graph_pool_bytes() -> tuple[int, int]:
     return sum(seg["total_size"] for seg in segments), sum(seg["allocated_size"] for seg in segments)
 
 
+def watch_graph_memory(graphs) -> list[dict]:
+    """Per warm-up step and per capture of `graphs` (a learner's StepGraphs): the bytes it allocated at its peak
+    above what was allocated before it, and the graphs' pool afterwards: a captured step should need what its
+    eager warm-up step needed. Instrumentation of the bench only (it resets the peak statistics, which the
+    phases' own memory measurement resets again before it starts)."""
+    import torch
+
+    log: list[dict] = []
+
+    def watched(kind: str, fn):
+        def call(step, inputs, *rest):
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = fn(step, inputs, *rest)
+            torch.cuda.synchronize()
+            reserved, allocated = graph_pool_bytes()
+            log.append({"kind": kind, "inputs": {k: list(t.shape) for k, t in inputs.items()},
+                        "peak_above_before_gb": (torch.cuda.max_memory_allocated() - before) / GB,
+                        "kept_gb": (torch.cuda.memory_allocated() - before) / GB,
+                        "pool_reserved_gb": reserved / GB, "pool_allocated_gb": allocated / GB})
+            return out
+        return call
+
+    graphs._on_stream = watched("eager", graphs._on_stream)
+    graphs._capture = watched("capture", graphs._capture)
+    return log
+
+
 def optimizer_state_bytes(opt) -> int:
     """Bytes of an optimizer's state tensors on the GPU (AdamW: the two moments, and the fused step counts)."""
     import torch
@@ -357,6 +386,7 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
         # inputs and become shape-dynamic after the first new shape, as in a real run
         torch._dynamo.reset()
     timer = Timer(device, args.warmup, args.steps, args.profile_dir, args.label, f"{B}x{T}")
+    graph_memory = watch_graph_memory(learner.graphs) if learner.graphs is not None else None
     batches = random_batches(4, B, T, V, device, seed=1)
     res: dict = {"B": B, "T": T, "tokens": B * T, "n_params": n_params, "n_forward_params": n_fwd,
                  "peak_flops": args.peak_flops, "vocab_active": V,
@@ -524,6 +554,7 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
 
     res["cuda_events_per_step"] = timer.kernels
     res["step_graphs"] = learner.graphs.stats() if learner.graphs is not None else None  # train.cuda_graphs
+    res["step_graph_memory"] = graph_memory
     res["plain_ft_strong"]["graphs_compiled_later"] = compile_count() - graphs1  # recompiles: should be 0
     derive_figures(res, device.type == "cuda")
     return res
@@ -773,6 +804,14 @@ STAGE_NOTES = {
                 "EWC penalty and Fisher accumulation as `torch._foreach_*` passes",
     "issue12_s4": "`train.cuda_graphs=true`: whole wake and sleep steps captured as CUDA graphs and replayed; "
                   "peak memory counts the graphs' whole reserved pool",
+    "issue12_s5_exp": "`issue12_s4` with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`: the graph pool at 8x512 "
+                      "7.5 -> 6.2 GB, little change at the other shapes",
+    "issue12_s5": "captured outputs outside the graph pool, and a first fused per-token CE/KL (log-sum-exp, then "
+                  "the softmax rebuilt in several passes): less memory at 16x1024 but slower there (wake 0.65x, "
+                  "refresh 2.1x); replaced in `issue12_s6`",
+    "issue12_s6": "`train.cuda_graphs=true`; the fused per-token CE/KL as one (log-)softmax kernel per chunk "
+                  "(`token_losses.py`), the tied embedding/head gradient added in place (`neocortex/embedding_grad.py`); "
+                  "4x256 and 16x1024 only (the session's device time ran out before 8x512)",
     "s1_final_fused": "what-if, **not** the default: the same library with both AdamW optimizers built "
                       "`fused=True` (a `build_learner` change in train.py)",
 }

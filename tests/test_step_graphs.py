@@ -40,6 +40,28 @@ def test_a_step_is_eager_while_warming_up_then_captured_and_replayed():
     assert len(graphs) == 0
 
 
+@cuda
+def test_a_capture_leaves_its_pool_empty_for_the_next_one():
+    """Outputs go to buffers outside the pool: a later capture reuses the whole pool (step_graphs' Memory note)."""
+    graphs = StepGraphs(torch.device("cuda"), warmup=1)
+    big = 16 << 20  # 64 MB of fp32 temporaries per step
+
+    def step(x):
+        tmp = x["v"].repeat(big // 4)  # (big,) a temporary inside the graph
+        return (tmp.sum().reshape(1), tmp[:4] * 2)
+
+    inputs = {"v": torch.ones(4, device="cuda")}
+    for _ in range(3):
+        out = graphs.run("a", step, inputs)
+    reserved, allocated = graphs.pool_bytes()
+    assert allocated == 0 and reserved >= 4 * big
+    assert out[0].item() == big and out[1].tolist() == [2.0] * 4
+    for _ in range(3):
+        graphs.run("b", step, {"v": torch.full((4,), 3.0, device="cuda")})
+    assert graphs.pool_bytes() == (reserved, 0)  # the second graph fit in the first one's free pool
+    assert out[1].tolist() == [2.0] * 4  # and its replays left the first graph's outputs alone
+
+
 def _sleep_setup(tiny_cfg, graphs: bool):
     from biollm_cls.train import build_learner
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from biollm_cls.config.schema import RunConfig
 from biollm_cls.learner import Learner, per_row_mean, supervised_rows
 from biollm_cls.replay import ReservoirReplay, collate
-from biollm_cls.sleep import topk_kl
+from biollm_cls.token_losses import token_losses
 
 
 @dataclass
@@ -102,17 +101,18 @@ def _row_scores(learner: Learner, rows: list, pad_id: int) -> torch.Tensor:
     targets = batch.targets[sup]  # (N,)
     resume = learner.can_resume
     with learner.precision.autocast():
+        # (N, V) each, the autocast dtype: token_losses scores them in fp32 chunks, without fp32 copies
         base = learner.logits(learner.base_hidden(batch.input_ids, batch.attention_mask, keep_split=resume)[sup])
-        base = base.float()  # (N, V)
+        base_ce, kl = token_losses(base, targets, values, ids)  # (N,) each
+        del base
         if resume:
             system_h = learner.system_hidden_from_split(learner.last_split, batch.attention_mask)
             learner.last_split = None
         else:
             system_h = learner.system_hidden(batch.input_ids, batch.attention_mask)
-        system = learner.logits(system_h[sup]).float()  # (N, V)
+        system_ce, _ = token_losses(learner.logits(system_h[sup]), targets)  # (N,)
     token_rows = supervised_rows(sup)
-    scores = (topk_kl(base, values, ids), F.cross_entropy(base, targets, reduction="none"),
-              F.cross_entropy(system, targets, reduction="none"))  # 3 x (N,)
+    scores = (kl, base_ce, system_ce)  # 3 x (N,)
     return torch.stack([per_row_mean(v, token_rows, len(rows)) for v in scores])  # (3, rows)
 
 

@@ -32,6 +32,7 @@ from biollm_cls.ewc import OnlineEWC
 from biollm_cls.learner import Learner, scored_positions
 from biollm_cls.replay import Episode, ReservoirReplay, collate
 from biollm_cls.step_graphs import padded_inputs
+from biollm_cls.token_losses import token_losses
 
 
 @dataclass
@@ -89,10 +90,10 @@ def system_topk(learner: Learner, batch: Batch, k: int, temperature: float = 1.0
     learner.neocortex.eval()
     with learner.precision.autocast():
         hidden = learner.system_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
-        logits = learner.logits(hidden[batch.supervised]).float()  # (N, V)
+        logits = learner.logits(hidden[batch.supervised])  # (N, V), the autocast dtype
     learner.neocortex.train(was)
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1)
-    return top.values, top.indices
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1)  # exact: fp32 holds every bf16 value
+    return top.values.float(), top.indices
 
 
 def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_ids: torch.Tensor,
@@ -106,7 +107,7 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
     and descent moved it away from the teacher.) Mass outside the k ids is left to the ground-truth CE."""
     t = temperature
     log_pt = torch.log_softmax(teacher_values.float() / t, dim=-1)  # (N, k)
-    log_ps = torch.log_softmax(student_logits.float().gather(1, teacher_ids.long()) / t, dim=-1)  # (N, k)
+    log_ps = torch.log_softmax(student_logits.gather(1, teacher_ids.long()).float() / t, dim=-1)  # (N, k)
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1) * (t * t)  # (N,)
 
 
@@ -116,7 +117,7 @@ def teacher_better(student_logits: torch.Tensor, teacher_values: torch.Tensor, t
     the teacher's k ids (as in `topk_kl`); a gold token outside the teacher's top k counts as 0 for it."""
     hit = teacher_ids.long() == targets.unsqueeze(1)  # (N, k)
     p_teacher = (torch.softmax(teacher_values.float(), -1) * hit).sum(-1)  # (N,)
-    p_student = (torch.softmax(student_logits.float().gather(1, teacher_ids.long()), -1) * hit).sum(-1)  # (N,)
+    p_student = (torch.softmax(student_logits.gather(1, teacher_ids.long()).float(), -1) * hit).sum(-1)  # (N,)
     return p_teacher > p_student
 
 
@@ -285,21 +286,22 @@ def sleep_losses(learner: Learner, batch: Batch, t_values: torch.Tensor | None, 
     flat, real = scored_positions(batch.supervised, size)  # (size,) each
     with learner.precision.autocast():
         hidden = learner.base_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
-        logits = learner.logits(hidden.flatten(0, 1)[flat]).float()  # (size, V)
+        logits = learner.logits(hidden.flatten(0, 1)[flat])  # (size, V), the autocast dtype
     c = cfg.consolidation
     targets = batch.targets.flatten()[flat]  # (size,)
     is_replay = (flat // T < n_replay) & real  # (size,) replay rows come first; pseudo rows have no ground truth
     n_real = real.sum().clamp(min=1)
+    # both per-token losses in one fused pass over the logits (token_losses.py: no fp32 [size, V] copies)
+    token_ce, per_token = token_losses(logits, targets if c.target_ce_weight > 0 else None, t_values, t_ids,
+                                       c.distill_temperature)  # (size,) each
     distill = torch.zeros((), device=logits.device)
     if t_values is not None:
-        per_token = topk_kl(logits, t_values, t_ids, c.distill_temperature)  # (size,)
         keep = real
         if c.distill_gate == "teacher_better":
             keep = keep & (teacher_better(logits.detach(), t_values, t_ids, targets) | ~is_replay)
         distill = (per_token * keep).sum() / n_real  # mean over the supervised positions, gated ones count 0
     target_ce = torch.zeros((), device=logits.device)
     if c.target_ce_weight > 0:  # mean over the replay rows' tokens (a masked mean: no host sync for their count)
-        token_ce = F.cross_entropy(logits, targets, reduction="none")  # (size,)
         target_ce = (token_ce * is_replay).sum() / is_replay.sum().clamp(min=1)
     return distill, target_ce, c.distill_weight * distill + c.target_ce_weight * target_ce
 

@@ -27,8 +27,8 @@ from biollm_cls.config.schema import RunConfig
 from biollm_cls.ewc import OnlineEWC
 from biollm_cls.hippocampus import Routing
 from biollm_cls.learner import Learner, per_row_weighted_mean, scored_positions, to_host
-from biollm_cls.sleep import topk_kl
 from biollm_cls.step_graphs import padded_inputs
+from biollm_cls.token_losses import token_losses
 
 
 @dataclass
@@ -95,7 +95,6 @@ def wake_step(learner: Learner, batch: Batch, cfg: RunConfig, ewc: OnlineEWC, st
 
 @dataclass
 class _WakeLosses:
-    logits: torch.Tensor  # (size, V) the system's logits at the scored positions
     flat: torch.Tensor  # (size,) their flat index into the [B,T] batch
     real: torch.Tensor  # (size,) False on padding positions
     token_loss: torch.Tensor  # (size,) CE (0 on padding)
@@ -116,24 +115,29 @@ def _wake_losses(learner: Learner, batch: Batch, cfg: RunConfig, stream_rows: in
     with learner.precision.autocast():
         hidden = learner.system_hidden(batch.input_ids, batch.attention_mask, track_stats=hip is not None,
                                        keep_split=keep_split)  # (B, T, H)
-        logits = learner.logits(hidden.flatten(0, 1)[flat]).float()  # (size, V)
+        logits = learner.logits(hidden.flatten(0, 1)[flat])  # (size, V), the autocast dtype
     targets = batch.targets.flatten()[flat]  # (size,)
-    token_loss = F.cross_entropy(logits, targets, reduction="none") * real  # (size,)
+    distill = replay_teacher is not None and cfg.replay.wake_distill_weight > 0 and len(replay_teacher[0])
+    teacher = (None, None)
+    if distill:  # the replay teacher's rows line up with the replayed positions (padded rows never read)
+        values, ids = replay_teacher  # (N_replay, k)
+        n_stream = batch.supervised[:stream_rows].sum()
+        row = (torch.arange(size, device=flat.device) - n_stream).clamp(min=0, max=values.shape[0] - 1)  # (size,)
+        teacher = (values[row], ids[row])
+    # CE and the replay KL in one fused pass over the logits (token_losses.py: no fp32 [size, V] copies)
+    token_ce, kl = token_losses(logits, targets, *teacher)  # (size,) each
+    token_loss = token_ce * real  # (size,)
     n_real = real.sum().clamp(min=1)
     ce = token_loss.sum() / n_real
     routing = learner.last_routing[0] if hip is not None else None
     reg = hip.routing_regulariser(routing, batch.attention_mask) if routing is not None else \
         torch.zeros((), device=logits.device)
     loss = ce + cfg.experts.routing_reg_weight * reg
-    if replay_teacher is not None and cfg.replay.wake_distill_weight > 0 and len(replay_teacher[0]):
-        values, ids = replay_teacher  # (N_replay, k), padded rows allowed: only replayed positions read them
-        n_stream = batch.supervised[:stream_rows].sum()
-        row = (torch.arange(size, device=flat.device) - n_stream).clamp(min=0, max=values.shape[0] - 1)  # (size,)
+    if distill:
         replayed = real & (flat // T >= stream_rows)
-        kl = topk_kl(logits, values[row], ids[row])  # (size,)
         loss = loss + cfg.replay.wake_distill_weight * (kl * replayed).sum() / replayed.sum().clamp(min=1)
     accuracy = ((logits.detach().argmax(-1) == targets) & real).sum() / n_real
-    return _WakeLosses(logits, flat, real, token_loss, ce, reg, loss, accuracy, routing)
+    return _WakeLosses(flat, real, token_loss, ce, reg, loss, accuracy, routing)
 
 
 def _stream_row_loss(w: _WakeLosses, batch: Batch, stream_rows: int) -> torch.Tensor:
@@ -223,11 +227,11 @@ def _post_update_teacher(learner: Learner, batch: Batch, stream_rows: int, k: in
     learner.neocortex.eval()
     with learner.precision.autocast():
         hidden = learner.system_hidden(*new) if split is None else learner.system_hidden_from_split(split, new[1])
-        logits = learner.logits(hidden.flatten(0, 1)[flat]).float()  # (S, V)
+        logits = learner.logits(hidden.flatten(0, 1)[flat])  # (S, V), the autocast dtype
     learner.neocortex.train(was)
-    token_loss = F.cross_entropy(logits, targets.flatten()[flat], reduction="none")  # (S,)
+    token_loss, _ = token_losses(logits, targets.flatten()[flat])  # (S,)
     row_loss = per_row_weighted_mean(token_loss, flat // sup.shape[1], real, stream_rows)
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1)  # row-major over supervised positions
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1)  # row-major over supervised positions; exact in bf16
     return top.values.half(), top.indices.int(), row_loss  # on the device; the caller moves them in one batch
 
 

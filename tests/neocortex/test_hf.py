@@ -502,3 +502,33 @@ def test_maskless_sdpa_runs_the_causal_implementation_with_the_same_hidden_state
     sliding = AutoModelForCausalLM.from_config(windowed, attn_implementation="sdpa")
     _use_causal_sdpa(sliding)  # a sliding-window layer's mask is not plain causal: left as it was
     assert sliding.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tied_embedding_gradient_in_place_has_autograds_values(batch, arch, autocast, tmp_path):
+    """A tied embedding/head (embedding_grad.py) gets the gradient autograd gives, also under bf16 autocast."""
+    ids, mask = batch
+    torch.manual_seed(0)
+    config = CONFIGS[arch]()
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / arch)
+    cfg = ModelConfig(provider="hf", hf_model_name=str(tmp_path / arch), hf_local_files_only=True, vocab_size=V // 2)
+    neo = build_neocortex(cfg, device=CPU, trains_base=True)
+    assert neo.embedding_grad_in_place
+    ref = copy.deepcopy(neo)
+    ref.embedding_grad_in_place = False
+    del vars(ref.model.get_input_embeddings())["forward"]  # back to autograd's backward
+    grads = []
+    for m in (neo, ref):
+        for _ in range(2):  # the second backward accumulates onto existing gradients
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = m.logits(m.hidden(ids, mask)[:, :-1])  # (B, T-1, V/2)
+            targets = ids[:, 1:].clamp(max=V // 2 - 1)
+            F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, msg=name)
+    assert not build_neocortex(cfg, device=CPU, trains_base=False).embedding_grad_in_place

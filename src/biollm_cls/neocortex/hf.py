@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM
 
 from biollm_cls.config.schema import ConfigError, ModelConfig
 from biollm_cls.neocortex.base import Injection
+from biollm_cls.neocortex.embedding_grad import accumulate_embedding_grad_in_place, head_logits
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,11 @@ class HFNeocortex(nn.Module):
             self._setup_split(layers, cfg.hf_injection_fraction)
         else:
             self._setup_legacy()
+        # perf (memory): a trained base's tied embedding/head gradient goes straight into .grad (embedding_grad.py)
+        embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        self.embedding_grad_in_place = trains_base and getattr(embedding, "weight", None) is \
+            self._parts["head"].weight and getattr(self._parts["head"], "bias", None) is None and \
+            accumulate_embedding_grad_in_place(embedding)
         self.gradient_checkpointing = bool(cfg.hf_gradient_checkpointing)
         if self.gradient_checkpointing:
             self._setup_gradient_checkpointing()
@@ -413,10 +419,13 @@ class HFNeocortex(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H'] -> logits [..., V] over the first V = vocab_size ids (sliced head rows only)."""
         head = self._parts["head"]
-        weight = head.weight[: self.vocab_size]  # (V, H'), a view
-        bias = getattr(head, "bias", None)
-        bias = None if bias is None else bias[: self.vocab_size]
-        logits = F.linear(hidden, weight, bias)  # (..., V)
+        if self.embedding_grad_in_place:  # a tied head without bias: its gradient added in place
+            logits = head_logits(hidden, head.weight, self.vocab_size)  # (..., V)
+        else:
+            weight = head.weight[: self.vocab_size]  # (V, H'), a view
+            bias = getattr(head, "bias", None)
+            bias = None if bias is None else bias[: self.vocab_size]
+            logits = F.linear(hidden, weight, bias)  # (..., V)
         scale, cap = self._logit_transform
         if scale != 1.0:
             logits = logits * scale

@@ -1,0 +1,86 @@
+"""Per-token cross-entropy and top-k distillation KL over the capped head's logits, computed in fp32 a chunk of
+rows at a time from the logits as the head returns them (bf16 under autocast).
+
+Why (perf: memory and bandwidth; the values are the usual ones): ``F.cross_entropy(logits.float())`` makes an
+fp32 copy of the [N, V] logits, keeps its fp32 log-softmax for the backward, and the backward then builds fp32
+[N, V] gradients for the CE and (a scattered one) for the KL before casting their sum to bf16: at 16 x 1024
+positions and V = 16,384 each of those is 1.07 GB. Here the forward keeps only the logits (which exist anyway)
+and the backward writes one gradient in the logits' dtype, recomputing the softmax chunk by chunk (``chunk_bytes``
+of fp32 at a time), each with one kernel that reads the chunk and writes its fp32 (log-)softmax: about half the
+memory traffic of the unfused losses.
+
+The KL is the one of ``sleep.topk_kl``: teacher and student both renormalised over the teacher's k ids, scaled by
+T^2; its gradient lives on those k ids only: T * (p_S - p_T) per unit of loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from biollm_cls.benchmarks.base import IGNORE
+
+CHUNK_BYTES = 1 << 27  # 128 MiB of fp32 logits per chunk
+
+
+def _chunks(n_rows: int, vocab: int, chunk_bytes: int) -> list[slice]:
+    step = max(1, chunk_bytes // (4 * max(1, vocab)))
+    return [slice(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
+
+
+def _topk_dist(logits: torch.Tensor, t_values: torch.Tensor, t_ids: torch.Tensor, temperature: float):
+    """(KL [N], p_S [N,k], p_T [N,k]): the student's logits gathered on the teacher's ids, both renormalised."""
+    log_pt = torch.log_softmax(t_values.float() / temperature, dim=-1)  # (N, k)
+    log_ps = torch.log_softmax(logits.gather(1, t_ids.long()).float() / temperature, dim=-1)  # (N, k)
+    pt = log_pt.exp()
+    kl = (pt * (log_pt - log_ps)).sum(-1) * (temperature * temperature)  # (N,)
+    return kl, log_ps.exp(), pt
+
+
+class _TokenLosses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, t_values, t_ids, temperature, chunk_bytes):
+        N, V = logits.shape
+        ce, kl = (logits.new_zeros(N, dtype=torch.float32) for _ in range(2))  # a loss without inputs: 0
+        valid = target = p_s = p_t = None
+        if targets is not None:
+            valid = targets != IGNORE  # (N,)
+            target = torch.where(valid, targets, 0).unsqueeze(1)  # (N, 1)
+            for rows in _chunks(N, V, chunk_bytes):  # one kernel reads the chunk and writes its fp32 log-softmax
+                logp = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)  # (n, V)
+                ce[rows] = -logp.gather(1, target[rows]).squeeze(1)
+            ce = ce * valid  # (N,)
+        if t_values is not None:
+            kl, p_s, p_t = _topk_dist(logits, t_values, t_ids, temperature)
+        ctx.save_for_backward(logits, valid, target, t_ids, p_s, p_t)
+        ctx.temperature, ctx.chunk_bytes = temperature, chunk_bytes
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kl):  # g_ce, g_kl: (N,) or None
+        logits, valid, target, t_ids, p_s, p_t = ctx.saved_tensors
+        N, V = logits.shape
+        kl_rows = None
+        if p_s is not None and g_kl is not None:  # dKL/dz on the k ids: T * (p_S - p_T)
+            kl_rows = g_kl.float().unsqueeze(1) * ctx.temperature * (p_s - p_t)  # (N, k)
+        if valid is None or g_ce is None:  # the KL alone: a gradient on k ids per row
+            grad = torch.zeros_like(logits)  # (N, V), the logits' dtype
+            if kl_rows is not None:
+                grad.scatter_add_(1, t_ids.long(), kl_rows.to(grad.dtype))
+            return grad, None, None, None, None, None
+        grad = torch.empty_like(logits)  # (N, V), the logits' dtype
+        scale = (g_ce.float() * valid).unsqueeze(1)  # (N, 1)
+        for rows in _chunks(N, V, ctx.chunk_bytes):  # dCE/dz = softmax - onehot, recomputed (one fused kernel)
+            g = torch.softmax(logits[rows], dim=-1, dtype=torch.float32).mul_(scale[rows])  # (n, V)
+            g.scatter_add_(1, target[rows], -scale[rows])
+            if kl_rows is not None:
+                g.scatter_add_(1, t_ids[rows].long(), kl_rows[rows])
+            grad[rows] = g  # cast once to the logits' dtype
+        return grad, None, None, None, None, None
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor | None = None, t_values: torch.Tensor | None = None,
+                 t_ids: torch.Tensor | None = None, temperature: float = 1.0, chunk_bytes: int = CHUNK_BYTES
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N,V] (any float dtype), targets [N] (IGNORE: scored 0), teacher top-k [N,k] values and ids ->
+    (CE [N], KL(p_T || p_S) over the k ids [N]), fp32; zeros for a loss whose inputs are not given. No host sync."""
+    return _TokenLosses.apply(logits, targets, t_values, t_ids, temperature, chunk_bytes)

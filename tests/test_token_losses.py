@@ -1,0 +1,82 @@
+"""The fused per-token CE and top-k KL (token_losses.py) against autograd through F.cross_entropy/topk_kl."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from biollm_cls.benchmarks.base import IGNORE
+from biollm_cls.sleep import topk_kl
+from biollm_cls.token_losses import token_losses
+
+N, V, K = 37, 50, 4
+
+
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(N, V, generator=g) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[[2, 5, 30]] = IGNORE
+    t_values = torch.randn(N, K, generator=g) * 2
+    t_ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)]).int()
+    weights = torch.rand(2, N, generator=g)  # upstream per-token weights, as the callers' masked means
+    return logits, targets, t_values, t_ids, weights
+
+
+def _reference(logits, targets, t_values, t_ids, temperature):
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # IGNORE -> 0
+    return ce, topk_kl(logits.float(), t_values, t_ids, temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk_bytes", [4 * V * 8, 1 << 27])  # 8 rows per chunk (uneven last), one chunk
+def test_losses_and_gradient_equal_autograds(temperature, chunk_bytes):
+    logits, targets, t_values, t_ids, w = _inputs(torch.float32)
+    ce, kl = token_losses(logits, targets, t_values, t_ids, temperature, chunk_bytes)
+    ((ce * w[0]).sum() + (kl * w[1]).sum()).backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    ref_ce, ref_kl = _reference(logits, targets, t_values, t_ids, temperature)
+    ((ref_ce * w[0]).sum() + (ref_kl * w[1]).sum()).backward()
+    torch.testing.assert_close(ce, ref_ce)
+    torch.testing.assert_close(kl, ref_kl)
+    torch.testing.assert_close(ours, logits.grad)
+    assert ce[[2, 5, 30]].eq(0).all() and ours.abs().sum() > 0
+
+
+@pytest.mark.parametrize("which", ["ce", "kl"])
+def test_one_loss_alone(which):
+    logits, targets, t_values, t_ids, w = _inputs(torch.float32, seed=1)
+    args = (targets, None, None) if which == "ce" else (None, t_values, t_ids)
+    ce, kl = token_losses(logits, *args)
+    ours_loss, other = (ce, kl) if which == "ce" else (kl, ce)
+    assert other.eq(0).all()
+    (ours_loss * w[0]).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    ref_ce, ref_kl = _reference(logits, targets, t_values, t_ids, 1.0)
+    ref = ref_ce if which == "ce" else ref_kl
+    (ref * w[0]).sum().backward()
+    torch.testing.assert_close(ours_loss, ref)
+    torch.testing.assert_close(ours, logits.grad)
+
+
+def test_bf16_logits_get_a_bf16_gradient_close_to_the_fp32_one():
+    logits, targets, t_values, t_ids, w = _inputs(torch.bfloat16, seed=2)
+    ce, kl = token_losses(logits, targets, t_values, t_ids)
+    ((ce * w[0]).sum() + (kl * w[1]).sum()).backward()
+    assert logits.grad.dtype == torch.bfloat16
+    ref_logits = logits.detach().float().requires_grad_()  # the same values, upcast exactly
+    ref_ce, ref_kl = _reference(ref_logits, targets, t_values, t_ids, 1.0)
+    ((ref_ce * w[0]).sum() + (ref_kl * w[1]).sum()).backward()
+    torch.testing.assert_close(ce, ref_ce)  # the forward is fp32 math on the same values
+    torch.testing.assert_close(logits.grad, ref_logits.grad.bfloat16())  # rounded once, as autocast's cast
+
+
+def test_no_grad_forward_needs_no_autograd():
+    logits, targets, *_ = _inputs(torch.float32)
+    with torch.no_grad():
+        ce, _ = token_losses(logits, targets)
+    assert not ce.requires_grad
+    torch.testing.assert_close(ce, F.cross_entropy(logits.detach(), targets, reduction="none"))
