@@ -65,3 +65,22 @@ def test_other_modules_keep_autograds_backward(make):
     module = make()
     assert not accumulate_embedding_grad_in_place(module)
     assert module is None or "forward" not in vars(module)
+
+
+@pytest.mark.parametrize("embedding_in_place", [False, True])
+def test_head_gradient_in_place_adds_to_the_lookups_either_way(embedding_in_place):
+    """The tied head's part lands in .grad whether the lookup's comes in place or through autograd (the trunk
+    compiled as a whole runs the plain lookup)."""
+    from biollm_cls.neocortex.embedding_grad import head_logits
+
+    torch.manual_seed(1)
+    ref = nn.Embedding(12, 4)
+    emb = copy.deepcopy(ref)
+    if embedding_in_place:
+        accumulate_embedding_grad_in_place(emb)
+    ids = torch.tensor([[1, 3, 3, 7]])
+    for module, head in ((ref, lambda h, w: h @ w[:5].T), (emb, lambda h, w: head_logits(h, w, 5))):
+        hidden = module(ids).tanh()  # (1, 4, H)
+        head(hidden, module.weight).pow(2).sum().backward()
+    torch.testing.assert_close(emb.weight.grad, ref.weight.grad)
+    assert emb.weight.grad[5:].abs().sum() > 0 and emb.weight.grad[:5].abs().sum() > 0
