@@ -171,7 +171,7 @@ class Timer:
             self.sync()
         events = prof.key_averages()
         kernels = sum(e.count for e in events if e.device_type.name == "CUDA") if cuda else 0
-        table = events.table(sort_by="self_cpu_time_total", row_limit=30)
+        table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
         Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(self.profile_dir, f"prof_{self.label}.txt"), "a") as fh:
             fh.write(f"\n##### {self.shape} {name}: {kernels} CUDA kernel/memcpy events\n{table}\n")
@@ -494,7 +494,7 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
     if args.fisher_bf16:  # what-if: a bf16 Fisher (now also `--override ewc.fisher_dtype=bf16`)
         ewc.fisher = {k: v.bfloat16() for k, v in ewc.fisher.items()}
     res["ewc_sparse_rows"] = {k: int(v.numel()) for k, v in ewc.rows.items()}
-    res["ewc_state_gb"] = sum(t.numel() * t.element_size() for d in (ewc.fisher, ewc.anchor) for t in d.values()) / GB
+    res["ewc_state_gb"] = sum(t.numel() * t.element_size() for d in (ewc.fisher, ewc.anchor, ewc.scale) for t in d.values()) / GB
     res["ewc_active"] = ewc.active
 
     # -- sleep: replay only, then with pseudo-rehearsal
@@ -715,7 +715,7 @@ def shape_tables(s: dict, fisher_samples) -> list[str]:
             refm = {"plain_ft": f"1 ({ref.get('plain_peak_gb', '—')} GB)", "sleep": ref.get("mem_ratio", "—")}
             lines.append(f"| {label} | {_f(v['peak_gb'], 2)} | {r_s} | {f'≤ {TARGETS[tkey]}' if tkey else '—'} | "
                          f"{r_p} | {refm.get(key, '—') if ref else '—'} |")
-        lines += [f"| EWC state (Fisher + anchor) | {_f(s['ewc_state_gb'], 2)} | — | — | — | — |", ""]
+        lines += [f"| EWC state (Fisher + anchor, with fp8 scales) | {_f(s['ewc_state_gb'], 2)} | — | — | — | — |", ""]
     bpe = s["bytes_per_episode"]
     lines += [
         f"Bytes per replay episode (T={s['T']}): {bpe / 1e3:.1f} KB"
@@ -812,6 +812,11 @@ STAGE_NOTES = {
     "issue12_s6": "`train.cuda_graphs=true`; the fused per-token CE/KL as one (log-)softmax kernel per chunk "
                   "(`token_losses.py`), the tied embedding/head gradient added in place (`neocortex/embedding_grad.py`); "
                   "4x256 and 16x1024 only (the session's device time ran out before 8x512)",
+    "issue12_s7_prof": "profile of one step per phase, 16x1024, steps eager (`train.cuda_graphs` off), s6 library",
+    "issue12_s7_pre": "the s6 library at 8x512 with `train.cuda_graphs=true` (not measured in s6)",
+    "issue12_s7": "`train.cuda_graphs=true`, Fisher in fp8 (`ewc.fisher_dtype=fp8`: e4m3 with a per-row scale), "
+                  "a captured sleep step's base gradients in a persistent buffer outside the graphs' pool "
+                  "(`step_graphs.GradBuffer`), top-k teacher logits through a block-maximum pass (`top_logits`)",
     "s1_final_fused": "what-if, **not** the default: the same library with both AdamW optimizers built "
                       "`fused=True` (a `build_learner` change in train.py)",
 }

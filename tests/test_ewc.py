@@ -372,3 +372,85 @@ def test_fp32_view_of_a_mixed_list_copies_each_source_dtype_in_one_uniform_multi
     assert out[1] is tensors[1]  # an fp32 tensor is used as it is, not copied
     for got, src in zip(out, tensors, strict=True):
         assert got.dtype == torch.float32 and torch.equal(got, src.float())
+
+
+def _fp8_ewc_with_fisher(fisher: dict[str, torch.Tensor], model: nn.Module, rows: dict | None = None) -> OnlineEWC:
+    """An fp8-storage EWC holding `fisher` (fp32, stored through the real `_store`) anchored at `model`."""
+    ewc = OnlineEWC(lambda_=2.0, decay=0.9, fisher_dtype=torch.float8_e4m3fn)
+    for name, p in model.named_parameters():
+        ewc._store(name, p, fisher[name], torch.float32)
+    return ewc
+
+
+class _Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 5))
+        self.v = nn.Parameter(torch.randn(5))
+
+
+def test_fp8_fisher_rounds_each_row_to_its_scale_within_e4m3_error():
+    torch.manual_seed(0)
+    model = _Wide()
+    # a Fisher spanning 12 orders of magnitude within each row, and one all-zero row
+    fisher = {"w": torch.rand(6, 5) * torch.logspace(-12, 0, 5), "v": torch.rand(5)}
+    fisher["w"][2] = 0.0
+    ewc = _fp8_ewc_with_fisher(fisher, model)
+    assert ewc.fisher["w"].dtype == torch.float8_e4m3fn and ewc.scale["w"].shape == (6, 1)
+    assert ewc.fisher["v"].dtype == torch.bfloat16 and "v" not in ewc.scale  # vectors stay bf16
+    got, want = ewc._stored_fisher("w"), fisher["w"]
+    # e4m3: 3 mantissa bits (half-spacing 1/16 relative) down to 2^-6 of 448; below it a subnormal step of 2^-9
+    tolerance = torch.maximum(want / 16, ewc.scale["w"] * 2.0**-10)
+    assert torch.all((got - want).abs() <= tolerance)
+    assert torch.allclose(got.amax(1), want.amax(1), rtol=1e-6, atol=0)  # a row's largest value is kept (to fp32)
+    assert torch.all(got[2] == 0) and ewc.scale["w"][2].item() == 1.0
+    kept = torch.arange(6) != 2
+    assert got[:, 0].eq(0).all() and got[kept, -1].gt(0).all()  # 1e-12 of a row's largest: dropped; the largest: kept
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the multi-tensor kernels differ)"))])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_fp8_penalty_gradient_is_lambda_times_the_stored_fisher_times_delta(monkeypatch, chunk, device):
+    torch.manual_seed(1)
+    model = _Wide()
+    if chunk is not None:  # matrices larger than the chunk are split into whole rows (their scales go along)
+        monkeypatch.setattr(OnlineEWC, "_CHUNK", chunk)
+    fisher = {"w": torch.rand(6, 5) * torch.logspace(-3, 0, 5), "v": torch.rand(5)}
+    model.to(device)
+    ewc = _fp8_ewc_with_fisher({n: f.to(device) for n, f in fisher.items()}, model)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    ewc.add_penalty_grad(model)
+    for name, p in model.named_parameters():
+        expected = 1.0 + 2.0 * ewc._stored_fisher(name) * (p.detach() - anchor[name])
+        assert torch.allclose(p.grad, expected, rtol=1e-6, atol=1e-9), name
+    by_hand = sum((ewc._stored_fisher(n) * (p.detach() - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
+    assert ewc.penalty(model).item() == pytest.approx(by_hand.item())
+
+
+def test_fp8_fisher_row_sparse_fold_and_state_dict_round_trip():
+    model = _BigEmbeddingLM()
+    ewc = OnlineEWC(lambda_=1.0, decay=0.5, fisher_dtype=torch.float8_e4m3fn)
+    ids = torch.tensor([[3, 9, 3, 17]])
+    batch = Batch(ids, torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.bool), torch.zeros(1))
+    consolidate(ewc, model, [batch])
+    assert ewc.rows["emb.weight"].tolist() == [3, 9, 17] and ewc.scale["emb.weight"].shape == (3, 1)
+    first = ewc._dense_fisher("emb.weight", model.emb.weight)
+    consolidate(ewc, model, [batch], seed=1)  # F <- 0.5 F + F_new, read back from the fp8 codes
+    assert ewc.fisher["emb.weight"].dtype == torch.float8_e4m3fn
+    assert torch.all(ewc._dense_fisher("emb.weight", model.emb.weight) >= 0.5 * first * (1 - 1 / 16) ** 2 - 1e-30)
+    other = OnlineEWC(lambda_=1.0, decay=0.5, fisher_dtype=torch.float8_e4m3fn)
+    other.load_state_dict(ewc.state_dict())
+    with torch.no_grad():
+        model.emb.weight.add_(0.01)
+    assert other.penalty(model).item() == pytest.approx(ewc.penalty(model).item()) and ewc.penalty(model).item() > 0
+
+
+def test_ewc_from_config_reads_fp8(tiny_cfg):
+    tiny_cfg.ewc.fisher_dtype = "fp8"
+    assert OnlineEWC.from_config(tiny_cfg.ewc).fisher_dtype == torch.float8_e4m3fn

@@ -62,7 +62,7 @@ def test_a_capture_leaves_its_pool_empty_for_the_next_one():
     assert out[1].tolist() == [2.0] * 4  # and its replays left the first graph's outputs alone
 
 
-def _sleep_setup(tiny_cfg, graphs: bool):
+def _sleep_setup(tiny_cfg, graphs: bool, fisher_dtype: torch.dtype = torch.float32):
     from biollm_cls.train import build_learner
 
     cfg = tiny_cfg
@@ -82,17 +82,18 @@ def _sleep_setup(tiny_cfg, graphs: bool):
         teacher = (torch.randn(n, k, generator=g), torch.randint(0, V, (n, k), generator=g).int())
         batches.append((Batch(ids, targets, mask, torch.zeros(B, dtype=torch.long)).to("cuda"),
                         *(t.to("cuda") for t in teacher)))
-    ewc = OnlineEWC(1.0, 0.9)  # active, so the captured step includes the penalty pass
+    ewc = OnlineEWC(1.0, 0.9, fisher_dtype)  # active, so the captured step includes the penalty pass
     ewc.consolidate(learner.neocortex, [batches[0][0]], learner.base_hidden, learner.logits,
                     learner.precision.autocast, torch.Generator().manual_seed(2))
     return cfg, learner, batches, ewc
 
 
 @cuda
-def test_captured_sleep_steps_match_eager_ones(tiny_cfg):
+@pytest.mark.parametrize("fisher_dtype", [torch.float32, torch.float8_e4m3fn])  # fp8: per-row scales on CUDA
+def test_captured_sleep_steps_match_eager_ones(tiny_cfg, fisher_dtype):
     runs = {}
     for graphs in (False, True):
-        cfg, learner, batches, ewc = _sleep_setup(copy.deepcopy(tiny_cfg), graphs)
+        cfg, learner, batches, ewc = _sleep_setup(copy.deepcopy(tiny_cfg), graphs, fisher_dtype)
         initial = {k: v.clone() for k, v in learner.neocortex.state_dict().items()}
         losses = []
         for i in range(6):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from biollm_cls.benchmarks.base import IGNORE
 from biollm_cls.sleep import topk_kl
-from biollm_cls.token_losses import token_losses
+from biollm_cls.token_losses import token_losses, top_logits
 
 N, V, K = 37, 50, 4
 
@@ -80,3 +80,28 @@ def test_no_grad_forward_needs_no_autograd():
         ce, _ = token_losses(logits, targets)
     assert not ce.requires_grad
     torch.testing.assert_close(ce, F.cross_entropy(logits.detach(), targets, reduction="none"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_logits_matches_topk_values_exactly(dtype, ties):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 4096, generator=g)
+    if ties:  # few distinct values: the k-th largest is tied across blocks
+        logits = (logits * 2).round()
+    logits = logits.to(dtype)
+    values, ids = top_logits(logits, 8, blocked=True)
+    reference = logits.topk(8, dim=-1)
+    assert torch.equal(values, reference.values)  # the same values, largest first
+    assert torch.equal(logits.gather(1, ids), values)  # ids point at them
+    assert all(len(set(row.tolist())) == 8 for row in ids)  # k distinct positions per row
+    if not ties and dtype == torch.float32:  # no ties among random fp32 values (bf16 has them): the same ids
+        assert torch.equal(ids, reference.indices)
+
+
+def test_top_logits_uses_topk_itself_where_the_blocks_do_not_pay():
+    logits = torch.randn(5, 300)  # not a multiple of the block
+    values, ids = top_logits(logits, 4, blocked=True)
+    assert torch.equal(ids, logits.topk(4, dim=-1).indices) and torch.equal(values, logits.topk(4, dim=-1).values)
+    small = torch.randn(5, 512)  # 4 blocks: fewer than 4 * k
+    assert torch.equal(top_logits(small, 8, blocked=True)[1], small.topk(8, dim=-1).indices)

@@ -32,7 +32,7 @@ from biollm_cls.ewc import OnlineEWC
 from biollm_cls.learner import Learner, scored_positions
 from biollm_cls.replay import Episode, ReservoirReplay, collate
 from biollm_cls.step_graphs import padded_inputs
-from biollm_cls.token_losses import token_losses
+from biollm_cls.token_losses import token_losses, top_logits
 
 
 @dataclass
@@ -92,8 +92,8 @@ def system_topk(learner: Learner, batch: Batch, k: int, temperature: float = 1.0
         hidden = learner.system_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
         logits = learner.logits(hidden[batch.supervised])  # (N, V), the autocast dtype
     learner.neocortex.train(was)
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1)  # exact: fp32 holds every bf16 value
-    return top.values.float(), top.indices
+    values, ids = top_logits(logits, k)  # (N, k); exact: fp32 holds every bf16 value
+    return values.float(), ids
 
 
 def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_ids: torch.Tensor,

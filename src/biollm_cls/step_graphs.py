@@ -27,11 +27,13 @@ capture's large tensors (a 0.5 GB embedding gradient) then no longer fit in the 
 H200, a wake graph's 7 MB of outputs left in the pool cost the next (sleep) capture 0.7 GB. So the outputs are
 copied into buffers made outside the pool (their shapes known from the eager warm-up), and the step's ``.grad``
 references are dropped after capture (`run`'s `after_capture`). ``expandable_segments`` (PYTORCH_CUDA_ALLOC_CONF)
-lets the pool's free space grow contiguously, as measured at 8x512 (pool 7.5 -> 6.2 GB).
+lets the pool's free space grow contiguously, as measured at 8x512 (pool 7.5 -> 6.2 GB): `StepGraphs` turns it
+on for the process (for the segments made from then on) unless ``PYTORCH_CUDA_ALLOC_CONF`` is set, which wins.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -70,6 +72,11 @@ class StepGraphs:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.device, self.warmup, self.max_graphs = device, max(1, warmup), max_graphs
+        if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # the module's Memory note; the user's setting wins
+            # torch >= 2.10 deprecates the second name for the first
+            setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or \
+                torch.cuda.memory._set_allocator_settings
+            setter("expandable_segments:True")
         self.stream = torch.cuda.Stream(device)  # warm-up and capture stream (lazy per-stream state lives here)
         self.pool = torch.cuda.graph_pool_handle()  # one pool: graphs never run concurrently
         self._graphs: dict[Hashable, _Captured] = {}

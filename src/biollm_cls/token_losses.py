@@ -84,3 +84,29 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor | None = None, t_va
     """logits [N,V] (any float dtype), targets [N] (IGNORE: scored 0), teacher top-k [N,k] values and ids ->
     (CE [N], KL(p_T || p_S) over the k ids [N]), fp32; zeros for a loss whose inputs are not given. No host sync."""
     return _TokenLosses.apply(logits, targets, t_values, t_ids, temperature, chunk_bytes)
+
+
+TOP_BLOCK = 128  # `top_logits`: vocabulary positions per block of its first pass
+
+
+def top_logits(logits: torch.Tensor, k: int, block: int = TOP_BLOCK, blocked: bool | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits.topk(k, dim=-1)`` of [N, V] logits: ([N, k] values, largest first, [N, k] int64 ids), the same
+    values exactly (ids may differ among tied values).
+
+    Why (perf): one radix-select ``topk`` over [16,384 x 16,384] bf16 logits took 1.9 ms on the H200, 3 % of a
+    wake step at 16x1024. Here a first pass takes each block of `block` positions' maximum (one read of the
+    logits), and ``topk`` runs over the k best blocks' k * `block` candidates only. Exact: fewer than k values
+    exceed the k-th largest, so fewer than k blocks have a larger maximum, and the k best blocks hold k values
+    at least as large as it. `blocked` (default: on CUDA, where it pays) selects this path; small vocabularies
+    (or one not a multiple of `block`) use ``topk`` directly."""
+    N, V = logits.shape
+    k = min(k, V)
+    if not (logits.is_cuda if blocked is None else blocked) or V % block or V // block < 4 * k:
+        top = logits.topk(k, dim=-1)
+        return top.values, top.indices
+    blocks = logits.view(N, V // block, block)
+    which = blocks.amax(-1).topk(k, dim=-1).indices  # (N, k) the blocks holding the k largest values
+    candidates = blocks.gather(1, which.unsqueeze(-1).expand(N, k, block)).flatten(1)  # (N, k * block)
+    values, pos = candidates.topk(k, dim=-1)  # (N, k)
+    return values, which.gather(1, pos // block) * block + pos % block

@@ -28,7 +28,7 @@ from biollm_cls.ewc import OnlineEWC
 from biollm_cls.hippocampus import Routing
 from biollm_cls.learner import Learner, per_row_weighted_mean, scored_positions, to_host
 from biollm_cls.step_graphs import padded_inputs
-from biollm_cls.token_losses import token_losses
+from biollm_cls.token_losses import token_losses, top_logits
 
 
 @dataclass
@@ -231,8 +231,8 @@ def _post_update_teacher(learner: Learner, batch: Batch, stream_rows: int, k: in
     learner.neocortex.train(was)
     token_loss, _ = token_losses(logits, targets.flatten()[flat])  # (S,)
     row_loss = per_row_weighted_mean(token_loss, flat // sup.shape[1], real, stream_rows)
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1)  # row-major over supervised positions; exact in bf16
-    return top.values.half(), top.indices.int(), row_loss  # on the device; the caller moves them in one batch
+    values, ids = top_logits(logits, k)  # (S, k) row-major over supervised positions; exact in bf16
+    return values.half(), ids.int(), row_loss  # on the device; the caller moves them in one batch
 
 
 def _update(learner: Learner, loss: torch.Tensor, cfg: RunConfig, ewc: OnlineEWC, base_lr: float,

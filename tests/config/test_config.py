@@ -17,7 +17,7 @@ from biollm_cls.config import ConfigError, config_dir, flatten, load_config, pre
 from biollm_cls.config.schema import RunConfig
 
 GROUP_PRESETS = {
-    "train": ["continual_pilot_4070", "default", "mac_dev", "qwen_0_5b_12gb", "rtx4070"],
+    "train": ["continual_pilot_4070", "default", "mac_dev", "qwen_0_5b_12gb", "qwen_0_5b_fast", "rtx4070"],
     "benchmark": ["instruction", "ni8_pilot", "synthetic8", "toy"],
     "model": ["hf_causal_lm", "tiny_transformer"],
     "ablation": ["er", "er_matched", "er_matched_total", "ewc_only", "full_cls", "joint", "no_ewc", "no_hippocampus",
