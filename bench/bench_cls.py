@@ -815,8 +815,16 @@ STAGE_NOTES = {
     "issue12_s7_prof": "profile of one step per phase, 16x1024, steps eager (`train.cuda_graphs` off), s6 library",
     "issue12_s7_pre": "the s6 library at 8x512 with `train.cuda_graphs=true` (not measured in s6)",
     "issue12_s7": "`train.cuda_graphs=true`, Fisher in fp8 (`ewc.fisher_dtype=fp8`: e4m3 with a per-row scale), "
-                  "a captured sleep step's base gradients in a persistent buffer outside the graphs' pool "
-                  "(`step_graphs.GradBuffer`), top-k teacher logits through a block-maximum pass (`top_logits`)",
+                  "top-k teacher logits through a block-maximum pass (`top_logits`), and an experiment reverted "
+                  "after this run: a captured sleep step's base gradients in a persistent buffer outside the "
+                  "graphs' pool (every sleep step then needed the buffer *and* fresh gradients: memory 1.33x at "
+                  "4x256)",
+    "issue12_s7_stream": "as `issue12_s7`, each shape's work on one non-default CUDA stream shared with the "
+                         "captures (what-if, reverted: no change in memory)",
+    "issue12_s7_stream_nobuf": "as `issue12_s7_stream` without the gradient buffer, 8x512 only (fp8 Fisher alone: "
+                               "sleep memory 1.21x)",
+    "issue12_s7_final": "`train.cuda_graphs=true` (the preset `train=qwen_0_5b_fast`): fp8 Fisher, bf16 anchor, "
+                        "expandable segments for the graphs' pool (set by `StepGraphs`), `top_logits`",
     "s1_final_fused": "what-if, **not** the default: the same library with both AdamW optimizers built "
                       "`fused=True` (a `build_learner` change in train.py)",
 }
