@@ -82,15 +82,17 @@ def test_no_grad_forward_needs_no_autograd():
     torch.testing.assert_close(ce, F.cross_entropy(logits.detach(), targets, reduction="none"))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (where the blocked path is the default)"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ties", [False, True])
-def test_top_logits_matches_topk_values_exactly(dtype, ties):
+def test_top_logits_matches_topk_values_exactly(dtype, ties, device):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(64, 4096, generator=g)
     if ties:  # few distinct values: the k-th largest is tied across blocks
         logits = (logits * 2).round()
-    logits = logits.to(dtype)
-    values, ids = top_logits(logits, 8, blocked=True)
+    logits = logits.to(device, dtype)
+    values, ids = top_logits(logits, 8, blocked=True if device == "cpu" else None)
     reference = logits.topk(8, dim=-1)
     assert torch.equal(values, reference.values)  # the same values, largest first
     assert torch.equal(logits.gather(1, ids), values)  # ids point at them
