@@ -196,8 +196,9 @@ class TrainConfig:
     # CUDA only: capture whole wake steps (those that train only the hippocampus) and sleep steps as CUDA graphs
     # and replay them (src/biollm_cls/step_graphs.py): the host launches one graph instead of ~2,000 kernels
     # per step, which bounds small batches on a large GPU (H200, 4x256: sleep 1.60x -> 0.42x the strongest plain
-    # FT step). Costs memory: the graphs' activations and gradients stay reserved in one pool (sleep peak 1.27x
-    # plain FT vs 1.19x without, bench/RESULTS.md), so the presets leave it off. Batches are right-padded to a
+    # FT step). Costs memory: the graphs' activations and gradients stay reserved in one pool (with an fp8
+    # Fisher and the pool's expandable segments, sleep peak 1.19x / 1.16x / 1.07x plain FT at 4x256 / 8x512 /
+    # 16x1024, bench/RESULTS.md); on in train=qwen_0_5b_fast, off in the 12 GB presets. Batches are right-padded to a
     # multiple of 64 positions (masked out of every loss) so that few shapes occur, one graph each, captured
     # after 2 eager steps. Needs bf16 or no autocast (fp16's GradScaler decides on the host). Ignored on the CPU
     cuda_graphs: bool = False
