@@ -107,3 +107,21 @@ def test_top_logits_uses_topk_itself_where_the_blocks_do_not_pay():
     assert torch.equal(ids, logits.topk(4, dim=-1).indices) and torch.equal(values, logits.topk(4, dim=-1).values)
     small = torch.randn(5, 512)  # 4 blocks: fewer than 4 * k
     assert torch.equal(top_logits(small, 8, blocked=True)[1], small.topk(8, dim=-1).indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_where_the_target_is_a_teacher_id_and_the_model_is_confident(dtype):
+    logits, targets, t_values, t_ids, w = _inputs(torch.float32, seed=4)
+    targets = t_ids[:, 1].long().clone()  # every target among the teacher's ids (the two corrections coincide)
+    targets[[2, 5, 30]] = IGNORE
+    with torch.no_grad():
+        logits[torch.arange(N), t_ids[:, 1].long()] += 8.0  # p(target) ~ 1: s * (p - 1) is small, and in bf16
+        # s * p rounded first would leave it an error as large as itself
+    logits = logits.detach().to(dtype).requires_grad_()
+    ce, kl = token_losses(logits, targets, t_values, t_ids, 1.0, 4 * V * 8)
+    ((ce * w[0]).sum() + (kl * w[1]).sum()).backward()
+    ref_logits = logits.detach().float().requires_grad_()
+    ref_ce, ref_kl = _reference(ref_logits, targets, t_values, t_ids, 1.0)
+    ((ref_ce * w[0]).sum() + (ref_kl * w[1]).sum()).backward()
+    expected = ref_logits.grad.to(dtype)  # the fp32 gradient rounded once
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-12)
