@@ -3,6 +3,7 @@ no better than the system on its ground truth), never because it is weak; two pa
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from biollm_cls.benchmarks.toy import ToyStream
@@ -182,3 +183,25 @@ def test_refresh_without_hippocampus_or_routed_episodes(tiny_cfg, make_learner):
     learner = make_learner(cfg)
     assert learner.hippocampus is None
     assert refresh_experts(learner, routed_replay(cfg), cfg, 0).tested == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host syncs exist only there)")
+def test_scoring_a_chunk_of_rows_waits_for_the_gpu_nowhere(tiny_cfg, make_learner):
+    """`_row_scores` (a chunk's base and system passes) issues no host sync; the absorption's one sync is after."""
+    from biollm_cls.refresh import _row_scores
+    from biollm_cls.train import build_learner
+
+    replay = routed_replay(tiny_cfg, make_learner(tiny_cfg))  # episodes (on the host) with stored teachers
+    rows = replay.sample(len(replay))
+    tiny_cfg.device = "cuda"
+    torch.manual_seed(0)
+    learner = build_learner(tiny_cfg, torch.device("cuda"))
+    learner.neocortex.eval()
+    _row_scores(learner, rows, 0)  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scores = _row_scores(learner, rows, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert scores.shape == (3, len(rows)) and torch.isfinite(scores).all()

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from biollm_cls.benchmarks.base import to_device
 from biollm_cls.config.schema import RunConfig
-from biollm_cls.learner import Learner, per_row_mean, supervised_rows
+from biollm_cls.learner import Learner, per_row_mean
 from biollm_cls.replay import ReservoirReplay, collate
 from biollm_cls.token_losses import token_losses
 
@@ -94,24 +95,28 @@ def _row_scores(learner: Learner, rows: list, pad_id: int) -> torch.Tensor:
     """[3, len(rows)] per-row mean per-token (KL(teacher || base), CE base, CE system), eval mode, no grad.
     Perf: the system view starts from the base pass's injection-point state where the neocortex can resume
     (the same base weights, so the same state): the lower layers run once for both views."""
-    batch = collate(rows, pad_id).to(learner.device)
-    values = torch.cat([ep.teacher_values for ep in rows]).to(learner.device, non_blocking=True)  # (N, k)
-    ids = torch.cat([ep.teacher_ids for ep in rows]).to(learner.device, non_blocking=True)  # (N, k)
-    sup = batch.supervised
-    targets = batch.targets[sup]  # (N,)
+    batch = collate(rows, pad_id)  # CPU
+    # Perf: the supervised positions (row-major, as a boolean mask would give them) found on the host and
+    # copied with the batch: indexing by a device mask would wait for the GPU (a host sync) three times a chunk
+    flat = batch.supervised.flatten().nonzero().squeeze(1)  # (N,)
+    token_rows = to_device(flat // batch.input_ids.shape[1], learner.device)  # (N,)
+    flat, batch = to_device(flat, learner.device), batch.to(learner.device)
+    values = to_device(torch.cat([ep.teacher_values for ep in rows]), learner.device)  # (N, k)
+    ids = to_device(torch.cat([ep.teacher_ids for ep in rows]), learner.device)  # (N, k)
+    targets = batch.targets.flatten()[flat]  # (N,)
     resume = learner.can_resume
     with learner.precision.autocast():
         # (N, V) each, the autocast dtype: token_losses scores them in fp32 chunks, without fp32 copies
-        base = learner.logits(learner.base_hidden(batch.input_ids, batch.attention_mask, keep_split=resume)[sup])
+        hidden = learner.base_hidden(batch.input_ids, batch.attention_mask, keep_split=resume)  # (B, T, H)
+        base = learner.logits(hidden.flatten(0, 1)[flat])
         base_ce, kl = token_losses(base, targets, values, ids)  # (N,) each
-        del base
+        del base, hidden
         if resume:
             system_h = learner.system_hidden_from_split(learner.last_split, batch.attention_mask)
             learner.last_split = None
         else:
             system_h = learner.system_hidden(batch.input_ids, batch.attention_mask)
-        system_ce, _ = token_losses(learner.logits(system_h[sup]), targets)  # (N,)
-    token_rows = supervised_rows(sup)
+        system_ce, _ = token_losses(learner.logits(system_h.flatten(0, 1)[flat]), targets)  # (N,)
     scores = (kl, base_ce, system_ce)  # 3 x (N,)
     return torch.stack([per_row_mean(v, token_rows, len(rows)) for v in scores])  # (3, rows)
 
