@@ -14,7 +14,7 @@
 # On the GPU machine (carry [".device/e2e"]):   bash bench/ni8_gpu_e2e.sh
 # Here, a CPU check of the whole flow with a tiny model:   E2E_TINY=1 OUT=/tmp/e2e_out uv run bash bench/ni8_gpu_e2e.sh
 # Environment: OUT (default /tmp/ni8_gpu_e2e_out), E2E_TINY=1 (2 layers, hidden 64), E2E_COMPILE=1
-# (train.compile_model=true), E2E_GRAPHS=1 (train.cuda_graphs=true), E2E_RESULTS=disk (run directories on the disk, not on /dev/shm; see step 3),
+# (train.compile_model=true), E2E_GRAPHS=1 (train.cuda_graphs=true), E2E_FAST=1 (train=qwen_0_5b_fast, compiled), E2E_RESULTS=disk (run directories on the disk, not on /dev/shm; see step 3),
 # E2E_DEADLINE_S (seconds from the start after which the suite is stopped so that the report still comes
 # back; default 510 on a GPU, none otherwise), E2E_CORES (default: nproc).
 set -euo pipefail
@@ -94,11 +94,13 @@ stage_end model
 # ---- 3. the suite --------------------------------------------------------------------------------------
 SUITE=$(python3 -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['suite_name'])")
 RUN_CONFIG=$CONFIG
-if [ -n "${E2E_COMPILE:-}${E2E_GRAPHS:-}" ]; then
+if [ -n "${E2E_COMPILE:-}${E2E_GRAPHS:-}${E2E_FAST:-}" ]; then
     RUN_CONFIG=$WORK/ni8_gpu_e2e_variant.yaml
     cp "$CONFIG" "$RUN_CONFIG"
-    [ -n "${E2E_COMPILE:-}" ] && sed -i 's/train.compile_model=false/train.compile_model=true/' "$RUN_CONFIG"
+    [ -n "${E2E_COMPILE:-}${E2E_FAST:-}" ] && sed -i 's/train.compile_model=false/train.compile_model=true/' "$RUN_CONFIG"
     [ -n "${E2E_GRAPHS:-}" ] && sed -i 's/  - train.deterministic=false/&\n  - train.cuda_graphs=true/' "$RUN_CONFIG"
+    # the large-GPU preset (cuda_graphs, fp8 Fisher, no gradient checkpointing) in place of the 12 GB one
+    [ -n "${E2E_FAST:-}" ] && sed -i 's/  - train=continual_pilot_4070/  - train=qwen_0_5b_fast/' "$RUN_CONFIG"
 fi
 # A fresh suite every time (only this suite's folder). Its run directories go to tmpfs (/dev/shm) when it has
 # room: each run writes 9 checkpoints (8 boundaries + the end) of up to ~8 GB (fp32 base, AdamW moments, EWC
