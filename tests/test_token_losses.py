@@ -109,16 +109,18 @@ def test_top_logits_uses_topk_itself_where_the_blocks_do_not_pay():
     assert torch.equal(top_logits(small, 8, blocked=True)[1], small.topk(8, dim=-1).indices)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the out= cast and scatter kernels differ)"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradient_where_the_target_is_a_teacher_id_and_the_model_is_confident(dtype):
-    logits, targets, t_values, t_ids, w = _inputs(torch.float32, seed=4)
+def test_gradient_where_the_target_is_a_teacher_id_and_the_model_is_confident(dtype, device):
+    logits, targets, t_values, t_ids, w = (t.to(device) for t in _inputs(torch.float32, seed=4))
     targets = t_ids[:, 1].long().clone()  # every target among the teacher's ids (the two corrections coincide)
     targets[[2, 5, 30]] = IGNORE
     with torch.no_grad():
-        logits[torch.arange(N), t_ids[:, 1].long()] += 8.0  # p(target) ~ 1: s * (p - 1) is small, and in bf16
+        logits[torch.arange(N, device=device), t_ids[:, 1].long()] += 8.0  # p(target) ~ 1: s * (p - 1) is small, and in bf16
         # s * p rounded first would leave it an error as large as itself
     logits = logits.detach().to(dtype).requires_grad_()
-    ce, kl = token_losses(logits, targets, t_values, t_ids, 1.0, 4 * V * 8)
+    ce, kl = token_losses(logits, targets, t_values, t_ids, 1.0, 4 * V * 8)  # 8 rows per chunk
     ((ce * w[0]).sum() + (kl * w[1]).sum()).backward()
     ref_logits = logits.detach().float().requires_grad_()
     ref_ce, ref_kl = _reference(ref_logits, targets, t_values, t_ids, 1.0)
