@@ -137,9 +137,10 @@ def random_batches(n: int, B: int, T: int, vocab: int, device, seed: int):
 class Timer:
     """Median wall time of CUDA-synchronised calls, and the peak memory over a few calls of the phase alone."""
 
-    def __init__(self, device, warmup: int, steps: int, profile_dir=None, label="", shape=""):
+    def __init__(self, device, warmup: int, steps: int, profile_dir=None, label="", shape="", profile_phases=None):
         self.device, self.warmup, self.steps = device, warmup, steps
         self.profile_dir, self.label, self.shape = profile_dir, label, shape
+        self.profile_phases = profile_phases  # None: every phase
         self.kernels: dict[str, int] = {}
         # plain FT steps interleaved with the timed steps (name -> step), each timed before every phase step
         self.pairs: dict = {}
@@ -161,20 +162,26 @@ class Timer:
         return time.perf_counter() - t0
 
     def profile(self, fn, name: str) -> None:
-        """One extra profiled step, outside the timed ones: a torch.profiler table, and the kernel count."""
+        """One extra profiled step, outside the timed ones: a torch.profiler table, the same by operator and
+        input shapes (which tensor a copy or an elementwise kernel moves), and the kernel count."""
         from torch.profiler import ProfilerActivity, profile
 
         cuda = self.device.type == "cuda"
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
+        with profile(activities=acts, record_shapes=True) as prof:
             fn(self.warmup)
             self.sync()
         events = prof.key_averages()
         kernels = sum(e.count for e in events if e.device_type.name == "CUDA") if cuda else 0
-        table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = events.table(sort_by=sort, row_limit=40)
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total" if cuda else sort,
+                                                                      row_limit=60, max_name_column_width=40,
+                                                                      max_shapes_column_width=100)
         Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(self.profile_dir, f"prof_{self.label}.txt"), "a") as fh:
-            fh.write(f"\n##### {self.shape} {name}: {kernels} CUDA kernel/memcpy events\n{table}\n")
+            fh.write(f"\n##### {self.shape} {name}: {kernels} CUDA kernel/memcpy events\n{table}\n"
+                     f"\n##### {self.shape} {name}, by operator and input shapes\n{by_shape}\n")
         self.kernels[name] = kernels
 
     def run(self, fn, name: str = "", exclude_bytes=None) -> dict:
@@ -188,7 +195,7 @@ class Timer:
         for i in range(self.warmup):
             fn(i)
         self.sync()
-        if self.profile_dir is not None and name:
+        if self.profile_dir is not None and name and (self.profile_phases is None or name in self.profile_phases):
             self.profile(fn, name)
         out: dict = {}
         if self.device.type == "cuda":  # peak memory over a few steps of this phase alone
@@ -385,7 +392,8 @@ def bench_shape(args, model_dir: Path, B: int, T: int) -> dict:
         # compilation (train.compile_model) the layer graphs are kept: they take every model's weights as
         # inputs and become shape-dynamic after the first new shape, as in a real run
         torch._dynamo.reset()
-    timer = Timer(device, args.warmup, args.steps, args.profile_dir, args.label, f"{B}x{T}")
+    timer = Timer(device, args.warmup, args.steps, args.profile_dir, args.label, f"{B}x{T}",
+                  args.profile_phases.split(",") if args.profile_phases else None)
     graph_memory = watch_graph_memory(learner.graphs) if learner.graphs is not None else None
     batches = random_batches(4, B, T, V, device, seed=1)
     res: dict = {"B": B, "T": T, "tokens": B * T, "n_params": n_params, "n_forward_params": n_fwd,
@@ -936,6 +944,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mask", action="store_true", help="neocortex.pass_attention_mask=False")
     ap.add_argument("--override", nargs="*", default=[], help="extra config overrides (dotted.key=value)")
     ap.add_argument("--profile-dir", default=None, help="write a torch.profiler table of one step of each phase here")
+    ap.add_argument("--profile-phases", default=None,
+                    help="with --profile-dir: only these phases (comma list: plain, plain_strong, forward, wake, "
+                         "sleep, sleep_pseudo, refresh, refresh_full)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--report", nargs="*", default=None, help="JSON files of runs -> markdown (no GPU)")
     ap.add_argument("--md", default=None, help="with --report: write the markdown here")

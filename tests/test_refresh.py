@@ -157,6 +157,38 @@ def test_absorption_is_the_same_resumed_or_not_and_in_any_chunking(tiny_cfg, mak
     assert reference.base_ce != reference.system_ce  # the experts matter, so the system view was really used
 
 
+def test_an_episode_sampled_for_two_experts_is_scored_once_with_the_same_absorption(tiny_cfg, make_learner,
+                                                                                   monkeypatch):
+    import copy
+
+    import biollm_cls.refresh as refresh
+
+    cfg = tiny_cfg
+    learner = make_learner(cfg)
+    set_experts(learner.hippocampus, negligible=[1], strong=[0, 2, 3])
+    E = cfg.experts.num_experts
+    replay = routed_replay(cfg, learner, per_expert=2)
+    for j, ep in enumerate(replay.episodes):  # every episode routed to two experts: j's and the next one
+        ep.expert_ids = torch.tensor([j % E, (j + 1) % E])
+    scored, original = [], refresh._row_scores
+    monkeypatch.setattr(refresh, "_row_scores", lambda lrn, rows, pad: scored.append(len(rows)) or original(lrn, rows, pad))
+    shared = expert_absorption(learner, copy.deepcopy(replay), 4, pad_id=0, chunk_tokens=10**6)
+    assert scored == [len(replay)]  # 2 * E pairs of (expert, episode), each episode scored once
+
+    class Copies(ReservoirReplay):  # the same samples, each pair its own copy of the episode: no sharing
+        def sample_per_expert(self, num_experts, n):
+            return [[copy.deepcopy(ep) for ep in eps] for eps in super().sample_per_expert(num_experts, n)]
+
+    apart = copy.deepcopy(replay)
+    apart.__class__ = Copies
+    separate = expert_absorption(learner, apart, 4, pad_id=0, chunk_tokens=10**6)
+    assert scored[1] == 2 * len(replay)
+    for field in ("teacher_kl", "base_ce", "system_ce"):
+        a, b = getattr(shared, field), getattr(separate, field)
+        assert a.keys() == b.keys() and len(a) == E
+        assert all(abs(a[e] - b[e]) < 1e-5 for e in a), (field, a, b)
+
+
 def test_reset_factor_one_or_more_disables_refresh(tiny_cfg, make_learner):
     cfg = tiny_cfg
     cfg.consolidation.refresh.kl_threshold = 1e9  # would reset everything

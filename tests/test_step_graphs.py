@@ -62,7 +62,7 @@ def test_a_capture_leaves_its_pool_empty_for_the_next_one():
     assert out[1].tolist() == [2.0] * 4  # and its replays left the first graph's outputs alone
 
 
-def _sleep_setup(tiny_cfg, graphs: bool, fisher_dtype: torch.dtype = torch.float32):
+def _sleep_setup(tiny_cfg, graphs: bool, fisher_dtype: torch.dtype = torch.float32, compiled_losses=False):
     from biollm_cls.train import build_learner
 
     cfg = tiny_cfg
@@ -70,6 +70,7 @@ def _sleep_setup(tiny_cfg, graphs: bool, fisher_dtype: torch.dtype = torch.float
     cfg.consolidation.target_ce_weight, cfg.consolidation.slow_lr = 0.5, 1e-2
     torch.manual_seed(0)
     learner = build_learner(cfg, torch.device("cuda"))
+    learner.compiled_losses = compiled_losses  # what train.compile_model sets on CUDA (token_losses.py)
     g = torch.Generator().manual_seed(1)
     B, T, V, k = 6, cfg.model.seq_len, cfg.model.vocab_size, cfg.replay.teacher_topk
     batches = []
@@ -89,11 +90,12 @@ def _sleep_setup(tiny_cfg, graphs: bool, fisher_dtype: torch.dtype = torch.float
 
 
 @cuda
-@pytest.mark.parametrize("fisher_dtype", [torch.float32, torch.float8_e4m3fn])  # fp8: per-row scales on CUDA
-def test_captured_sleep_steps_match_eager_ones(tiny_cfg, fisher_dtype):
+@pytest.mark.parametrize(("fisher_dtype", "compiled_losses"),  # fp8: per-row scales on CUDA
+                         [(torch.float32, False), (torch.float8_e4m3fn, False), (torch.float32, True)])
+def test_captured_sleep_steps_match_eager_ones(tiny_cfg, fisher_dtype, compiled_losses):
     runs = {}
     for graphs in (False, True):
-        cfg, learner, batches, ewc = _sleep_setup(copy.deepcopy(tiny_cfg), graphs, fisher_dtype)
+        cfg, learner, batches, ewc = _sleep_setup(copy.deepcopy(tiny_cfg), graphs, fisher_dtype, compiled_losses)
         initial = {k: v.clone() for k, v in learner.neocortex.state_dict().items()}
         losses = []
         for i in range(6):
@@ -135,8 +137,8 @@ def test_a_captured_sleep_step_skips_a_non_finite_update_and_a_new_ewc_state_rec
 
 
 @cuda
-@pytest.mark.parametrize("keep_teacher", [True, False])
-def test_captured_wake_steps_match_eager_ones(tiny_cfg, keep_teacher):
+@pytest.mark.parametrize(("keep_teacher", "compiled_losses"), [(True, False), (False, False), (True, True)])
+def test_captured_wake_steps_match_eager_ones(tiny_cfg, keep_teacher, compiled_losses):
     from biollm_cls.benchmarks.toy import ToyStream
     from biollm_cls.train import build_learner
     from biollm_cls.wake import wake_step
@@ -148,6 +150,7 @@ def test_captured_wake_steps_match_eager_ones(tiny_cfg, keep_teacher):
         cfg.experts.fast_lr, cfg.replay.wake_distill_weight = 3e-2, 0.5
         torch.manual_seed(0)
         learner = build_learner(cfg, torch.device("cuda"))
+        learner.compiled_losses = compiled_losses  # the compiled head losses inside the captured step too
         stream, ewc = ToyStream(cfg), OnlineEWC(0.0, 0.9)
         outs = []
         for step in range(1, 7):

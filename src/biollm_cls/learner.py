@@ -51,6 +51,7 @@ class Learner:
     last_routing: list[Routing] = field(default_factory=list)
     last_split: torch.Tensor | None = None  # [B,T,H] base state at the injection point (keep_split passes)
     graphs: StepGraphs | None = None  # train.cuda_graphs: wake and sleep steps captured as CUDA graphs
+    compiled_losses: bool = False  # the head losses' passes as torch.compile kernels (token_losses.py)
 
     def restored(self) -> None:
         """After a checkpoint replaced weights' or optimizers' state: captured steps would update the old tensors,

@@ -92,7 +92,7 @@ def system_topk(learner: Learner, batch: Batch, k: int, temperature: float = 1.0
         hidden = learner.system_hidden(batch.input_ids, batch.attention_mask)  # (B, T, H)
         logits = learner.logits(hidden[batch.supervised])  # (N, V), the autocast dtype
     learner.neocortex.train(was)
-    values, ids = top_logits(logits, k)  # (N, k); exact: fp32 holds every bf16 value
+    values, ids = top_logits(logits, k, compiled=learner.compiled_losses)  # (N, k); exact: fp32 holds every bf16 value
     return values.float(), ids
 
 
@@ -293,7 +293,7 @@ def sleep_losses(learner: Learner, batch: Batch, t_values: torch.Tensor | None, 
     n_real = real.sum().clamp(min=1)
     # both per-token losses in one fused pass over the logits (token_losses.py: no fp32 [size, V] copies)
     token_ce, per_token = token_losses(logits, targets if c.target_ce_weight > 0 else None, t_values, t_ids,
-                                       c.distill_temperature)  # (size,) each
+                                       c.distill_temperature, compiled=learner.compiled_losses)  # (size,) each
     distill = torch.zeros((), device=logits.device)
     if t_values is not None:
         keep = real

@@ -319,7 +319,11 @@ def build_learner(cfg: RunConfig, device: torch.device) -> Learner:
         hippocampus = Hippocampus(neocortex.hidden_size, cfg.experts).to(device)
         fast_opt = torch.optim.AdamW(hippocampus.parameters(), lr=cfg.experts.fast_lr, weight_decay=0.0, **fused)
     precision = Precision.build(device, cfg.train.amp_enabled, cfg.train.amp_dtype)
-    return Learner(neocortex, hippocampus, base_opt, fast_opt, precision, device, graphs=graphs)
+    # with train.compile_model on CUDA the losses over the head's logits are compiled kernels too (the CPU keeps
+    # the eager chunks: inductor's C++ builds would cost more than they save there)
+    compiled_losses = cfg.train.compile_model and device.type == "cuda"
+    return Learner(neocortex, hippocampus, base_opt, fast_opt, precision, device, graphs=graphs,
+                   compiled_losses=compiled_losses)
 
 
 def _keeps_teacher(run: Run) -> bool:

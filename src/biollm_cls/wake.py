@@ -125,7 +125,7 @@ def _wake_losses(learner: Learner, batch: Batch, cfg: RunConfig, stream_rows: in
         row = (torch.arange(size, device=flat.device) - n_stream).clamp(min=0, max=values.shape[0] - 1)  # (size,)
         teacher = (values[row], ids[row])
     # CE and the replay KL in one fused pass over the logits (token_losses.py: no fp32 [size, V] copies)
-    token_ce, kl = token_losses(logits, targets, *teacher)  # (size,) each
+    token_ce, kl = token_losses(logits, targets, *teacher, compiled=learner.compiled_losses)  # (size,) each
     token_loss = token_ce * real  # (size,)
     n_real = real.sum().clamp(min=1)
     ce = token_loss.sum() / n_real
@@ -229,9 +229,9 @@ def _post_update_teacher(learner: Learner, batch: Batch, stream_rows: int, k: in
         hidden = learner.system_hidden(*new) if split is None else learner.system_hidden_from_split(split, new[1])
         logits = learner.logits(hidden.flatten(0, 1)[flat])  # (S, V), the autocast dtype
     learner.neocortex.train(was)
-    token_loss, _ = token_losses(logits, targets.flatten()[flat])  # (S,)
+    token_loss, _ = token_losses(logits, targets.flatten()[flat], compiled=learner.compiled_losses)  # (S,)
     row_loss = per_row_weighted_mean(token_loss, flat // sup.shape[1], real, stream_rows)
-    values, ids = top_logits(logits, k)  # (S, k) row-major over supervised positions; exact in bf16
+    values, ids = top_logits(logits, k, compiled=learner.compiled_losses)  # (S, k) row-major over supervised positions; exact in bf16
     return values.half(), ids.int(), row_loss  # on the device; the caller moves them in one batch
 
 
