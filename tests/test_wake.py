@@ -100,3 +100,33 @@ def _count_full_passes(learner) -> list[int]:
 
     learner.neocortex.hidden = counted
     return calls
+
+
+def test_eager_wake_steps_with_the_compiled_losses_follow_the_eager_ones(tiny_cfg, make_learner):
+    """`Learner.compiled_losses` (set on CUDA with train.compile_model; forced here on the CPU) in the eager
+    wake path, whose number of scored positions changes from step to step: the same losses, teachers and
+    hippocampus, without a recompile per size (the compiled functions are shape-dynamic)."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_cfg
+    cfg.experts.fast_lr = 3e-2
+    stream = ToyStream(cfg)
+    runs = {}
+    for compiled in (False, True):
+        learner = make_learner(cfg)
+        learner.compiled_losses = compiled
+        outs, graphs = [], []
+        for step, cut in ((1, 0), (2, 3), (3, 7)):  # fewer supervised positions each step
+            batch = stream.train_batch(step, 4)
+            batch.targets[:, :cut] = -100
+            outs.append(wake_step(learner, batch, cfg, OnlineEWC(0.0, 0.9), len(batch), keep_teacher=True))
+            graphs.append(counters["stats"]["unique_graphs"])
+        runs[compiled] = (outs, learner.hippocampus.w_out.detach().clone())
+    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0]  # compiled on the first step only
+    for eager, compiled in zip(runs[False][0], runs[True][0], strict=True):
+        assert compiled.supervised_tokens == eager.supervised_tokens
+        assert abs(compiled.loss - eager.loss) < 1e-5 and abs(compiled.accuracy - eager.accuracy) < 1e-6
+        torch.testing.assert_close(compiled.row_loss, eager.row_loss, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled.teacher_values, eager.teacher_values, rtol=1e-3, atol=1e-3)  # fp16
+    assert len({o.supervised_tokens for o in runs[False][0]}) == 3  # three sizes really occurred
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-6)
